@@ -1,0 +1,13 @@
+"""Model builders: the tiny offline LLaVA and (see builder.py) the real LLaVA-1.5 checkpoints."""
+from .tiny import TinyLlavaSpec, build_tiny_llama, build_tiny_llava, build_tiny_processor
+from .tokenizer import IMAGE_TOKEN, PAD_TOKEN, build_tiny_tokenizer
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "PAD_TOKEN",
+    "TinyLlavaSpec",
+    "build_tiny_llama",
+    "build_tiny_llava",
+    "build_tiny_processor",
+    "build_tiny_tokenizer",
+]

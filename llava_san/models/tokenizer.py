@@ -1,0 +1,100 @@
+"""A LLaMA-style tokenizer made offline, for the tiny test/demo model.
+
+Real LLaVA-1.5 uses the LLaMA/Vicuna SentencePiece tokenizer: BPE over ``▁``-prefixed pieces with
+byte fallback, ``<unk>=0, <s>=1, </s>=2``, the 256 byte pieces ``<0x00>..<0xFF>`` at ids 3..258, a
+``<s>`` prepended to every encoded text and no ``</s>`` appended. This module trains a small BPE with
+exactly that pipeline on a fixed built-in corpus (the Vicuna system prompt, the LLaVA prompt phrases
+and the easy-vqa questions and answers) and wraps it in transformers' own ``LlamaTokenizer``, so the
+data pipeline sees the same tokenization quirks as with the real checkpoint (``"▁ASSISTANT"`` vs
+``"ASSISTANT"``, leading-space handling, byte fallback for unseen characters).
+
+``<image>`` and ``<pad>`` are added as special tokens after the base vocabulary, as llava-hf does.
+Training is deterministic, so two builds give identical ids.
+"""
+from __future__ import annotations
+
+import functools
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaTokenizer
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
+BASE_SPECIAL = ["<unk>", "<s>", "</s>"]
+
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+_PHRASES = [
+    VICUNA_SYSTEM,
+    "USER: ASSISTANT: USER:ASSISTANT:",
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "When the provided information is insufficient, respond with 'Unanswerable'.",
+    "Reference OCR token: Is there a in the image? Please answer yes or no.",
+    "What is the color of the shape? Describe the image concisely. Provide a one-sentence caption.",
+    "Context: Options: A. B. C. D. E. Hint: Question:",
+]
+
+
+def _corpus() -> list[str]:
+    """The fixed training corpus: prompt phrases plus every easy-vqa question and answer."""
+    from easy_vqa import get_answers, get_test_questions, get_train_questions
+
+    texts = list(_PHRASES)
+    for questions, answers, _ in (get_train_questions(), get_test_questions()):
+        texts.extend(sorted(set(questions)))
+        texts.extend(sorted(set(answers)))
+    texts.extend(get_answers())
+    texts.extend(str(i) for i in range(100))
+    return texts
+
+
+@functools.lru_cache(maxsize=4)
+def _train_bpe(vocab_size: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # split=True while training keeps merges inside words, as SentencePiece does; LlamaTokenizer
+    # then applies them with split=False exactly like the real checkpoint.
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=BASE_SPECIAL + BYTE_TOKENS,
+        show_progress=False,
+        min_frequency=1,
+    )
+    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    model = bpe.model
+    vocab = bpe.get_vocab(with_added_tokens=False)
+    # tokenizers keeps merges in the serialized model; read them back in rank order.
+    import json
+
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    merges = tuple(tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges)
+    del model
+    return tuple(sorted(vocab.items(), key=lambda kv: kv[1])), merges
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048) -> LlamaTokenizer:
+    """Build the offline LLaMA-style tokenizer (``<s>``, ``</s>``, ``<unk>``, ``<image>``, ``<pad>``).
+
+    Args:
+        vocab_size: size of the BPE vocabulary before ``<image>`` and ``<pad>`` are added (≥ 300).
+        model_max_length: stored on the tokenizer, as LLaVA sets it (2048 for LLaVA-1.5).
+    """
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be >= 300 (3 specials + 256 bytes + merges), got {vocab_size}")
+    vocab, merges = _train_bpe(vocab_size)
+    tok = LlamaTokenizer(
+        vocab=dict(vocab),
+        merges=[tuple(m) for m in merges],
+        add_bos_token=True,
+        add_eos_token=False,
+        legacy=False,
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
+    tok.add_special_tokens({"pad_token": PAD_TOKEN, "additional_special_tokens": [IMAGE_TOKEN]})
+    return tok
