@@ -1,4 +1,14 @@
 """Model builders: the tiny offline LLaVA and (see builder.py) the real LLaVA-1.5 checkpoints."""
+from .builder import (
+    build_llava_from_parts,
+    build_parts_processor,
+    build_tiny,
+    check_model_processor,
+    load_llava_hf,
+    load_llava_hf_processor,
+    resolve_dtype,
+)
+from .fixtures import write_tiny_checkpoints
 from .tiny import TinyLlavaSpec, build_tiny_llama, build_tiny_llava, build_tiny_processor
 from .tokenizer import IMAGE_TOKEN, PAD_TOKEN, build_tiny_tokenizer
 
@@ -6,8 +16,16 @@ __all__ = [
     "IMAGE_TOKEN",
     "PAD_TOKEN",
     "TinyLlavaSpec",
+    "build_llava_from_parts",
+    "build_parts_processor",
+    "build_tiny",
     "build_tiny_llama",
     "build_tiny_llava",
     "build_tiny_processor",
     "build_tiny_tokenizer",
+    "check_model_processor",
+    "load_llava_hf",
+    "load_llava_hf_processor",
+    "resolve_dtype",
+    "write_tiny_checkpoints",
 ]
