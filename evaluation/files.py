@@ -1,0 +1,88 @@
+"""Small file helpers shared by the scorers and the report: atomic writes and line-numbered jsonl.
+
+Every file this package writes (submission files, metrics, reports) goes through
+:func:`atomic_write`: the content is written to a temporary file in the destination folder and
+renamed over the target only when complete, so an error never leaves a partial file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+__all__ = ["DataFileError", "atomic_write", "iter_jsonl", "read_json", "write_json", "write_text"]
+
+
+class DataFileError(ValueError):
+    """A question, annotation or answer file is malformed. The message names the file (and line)."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success rename it to ``path``, on error delete it.
+
+    ``mode`` is ``"w"`` (text) or ``"wb"`` (binary). Parent folders are created.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically; returns the path."""
+    with atomic_write(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> Path:
+    """Serialise ``obj`` first (so a non-serialisable object fails before any file exists), then
+    write it atomically; returns the path."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+    return write_text(path, text + ("\n" if indent is not None else ""))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Load a JSON file; a syntax error raises :class:`DataFileError` naming the file and line."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line of a jsonl file (1-based numbers).
+
+    A line that is not valid JSON, or not a JSON object, raises :class:`DataFileError` with
+    ``path:line``. Blank lines (e.g. a trailing newline) are skipped.
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFileError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj

@@ -1,0 +1,259 @@
+"""The comparison table: the paper's reference rows beside our runs.
+
+Rows are methods, columns the seven LLaVA-1.5 benchmarks in the paper's order (VQAv2, GQA, VizWiz,
+SQA-IMG, TextVQA, POPE, MMBench), then ``avg``, then any other benchmark a run has (easy-vqa). A
+cell is the benchmark's headline metric as a percentage (``100 *`` the fraction ``score`` returns):
+VQA accuracy, GQA accuracy, ScienceQA IMG accuracy, POPE mean F1 over the three splits, MMBench
+circular accuracy. ``avg`` is the mean of the seven, only when all seven are present (a partial mean
+is not comparable with the paper's).
+
+A report is a plain JSON-able dict::
+
+    {"schema": "llava-san/report/v1", "title": str, "columns": [benchmark names...],
+     "titles": {name: column title}, "rows": [{"name", "source", "values": {name: pct|None},
+     "avg": pct|None, "notes": str, "metrics": {name: score dict}}]}
+
+:func:`write_report` stores it as ``report.json`` + ``report.md`` (atomically).
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from evaluation.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, get_benchmark
+from evaluation.files import read_json, write_json, write_text
+
+__all__ = [
+    "REFERENCE_ROWS",
+    "REFERENCE_SOURCE",
+    "SCHEMA",
+    "build_report",
+    "headline_value",
+    "load_reports",
+    "plot_report",
+    "reference_rows",
+    "render_markdown",
+    "run_row",
+    "write_report",
+]
+
+SCHEMA = "llava-san/report/v1"
+REFERENCE_SOURCE = "paper: SAN, Table 3 (LLaVA-1.5-7B)"
+
+#: ``../shared/SAN_SPEC.md`` section 5, as printed (``avg`` is the paper's own column).
+REFERENCE_ROWS: tuple[dict[str, Any], ...] = tuple(
+    {
+        "name": name,
+        "values": dict(zip(PAPER_BENCHMARKS, values)),
+        "avg": avg,
+    }
+    for name, values, avg in (
+        ("full fine-tune", (78.5, 61.9, 50.0, 66.8, 58.2, 85.9, 64.3), 66.5),
+        ("LoRA-128", (79.1, 62.9, 47.8, 68.4, 58.2, 86.4, 66.1), 67.0),
+        ("DoRA-128", (78.6, 62.9, 52.2, 69.9, 57.0, 87.2, 66.1), 67.7),
+        ("SAN+LoRA", (79.2, 63.4, 51.9, 69.8, 58.3, 86.8, 66.6), 68.0),
+        ("SAN+DoRA", (79.2, 64.4, 54.5, 71.1, 58.3, 88.0, 67.4), 68.9),
+    )
+)
+
+
+def reference_rows() -> list[dict[str, Any]]:
+    """Fresh copies of the paper's rows, with ``source``, ``notes`` and empty ``metrics``."""
+    return [
+        {**copy.deepcopy(r), "source": REFERENCE_SOURCE, "notes": "", "metrics": {}} for r in REFERENCE_ROWS
+    ]
+
+
+def headline_value(benchmark: str, metrics: Mapping[str, Any] | None) -> float | None:
+    """``100 *`` the headline metric of a score result (None when absent)."""
+    if not metrics:
+        return None
+    key = metrics.get("headline") or get_benchmark(benchmark).HEADLINE
+    value = metrics.get(key)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return 100.0 * float(value)
+
+
+def _avg(values: Mapping[str, float | None]) -> float | None:
+    vals = [values.get(b) for b in PAPER_BENCHMARKS]
+    if any(v is None for v in vals):
+        return None
+    return sum(vals) / len(vals)
+
+
+def run_row(
+    name: str, results: Mapping[str, Mapping[str, Any]], *, notes: str = "", source: str = "run"
+) -> dict[str, Any]:
+    """A row for one run: ``results`` maps benchmark name -> the dict ``score`` returned."""
+    for b in results:
+        get_benchmark(b)  # unknown names raise
+    values = {b: headline_value(b, m) for b, m in results.items()}
+    return {
+        "name": name,
+        "source": source,
+        "values": values,
+        "avg": _avg(values),
+        "notes": notes,
+        "metrics": {b: dict(m) for b, m in results.items()},
+    }
+
+
+def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    present = {b for r in rows for b in r.get("values", {})}
+    extras = [b for b in BENCHMARKS if b in present and b not in PAPER_BENCHMARKS]
+    return list(PAPER_BENCHMARKS) + extras
+
+
+def build_report(
+    runs: Mapping[str, Mapping[str, Mapping[str, Any]]] | Sequence[Mapping[str, Any]],
+    *,
+    reference: bool = True,
+    title: str = "LLaVA-1.5-7B: paper vs. ours",
+) -> dict[str, Any]:
+    """The report dict: the paper's rows (unless ``reference=False``) then ours.
+
+    ``runs`` is ``{run name: {benchmark: score result}}`` or a list of rows from :func:`run_row`.
+    """
+    if isinstance(runs, Mapping):
+        ours = [run_row(name, results) for name, results in runs.items()]
+    else:
+        ours = [dict(r) for r in runs]
+    rows = (reference_rows() if reference else []) + ours
+    columns = _columns(rows)
+    titles = {b: get_benchmark(b).TITLE for b in columns}
+    return {"schema": SCHEMA, "title": title, "columns": columns, "titles": titles, "rows": rows}
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def render_markdown(report: Mapping[str, Any], *, digits: int = 1) -> str:
+    """The report as a markdown table (percentages with ``digits`` decimals, ``–`` when absent)."""
+    cols = list(report["columns"])
+    paper = [c for c in cols if c in PAPER_BENCHMARKS]
+    extra = [c for c in cols if c not in PAPER_BENCHMARKS]
+    head = ["method", *(report["titles"][c] for c in paper), "avg", *(report["titles"][c] for c in extra)]
+    lines = [
+        f"# {report.get('title', 'Results')}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in report["rows"]:
+        name = r["name"] if r.get("source", "run") == "run" else f"{r['name']} (paper)"
+        cells = [
+            name,
+            *(_fmt(r["values"].get(c), digits) for c in paper),
+            _fmt(r.get("avg"), digits),
+            *(_fmt(r["values"].get(c), digits) for c in extra),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Reference rows: {REFERENCE_SOURCE}. Cells are headline metrics in %: VQA accuracy (VQAv2, "
+        "VizWiz, TextVQA), GQA accuracy, ScienceQA IMG accuracy, POPE mean F1 of the three splits, "
+        "MMBench circular accuracy; avg = mean of the seven (only when all are present).",
+    ]
+    notes = [f"- {r['name']}: {r['notes']}" for r in report["rows"] if r.get("notes")]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    report: Mapping[str, Any], out_dir: str | os.PathLike, *, stem: str = "report"
+) -> dict[str, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` in ``out_dir`` (atomically); returns both paths."""
+    out = Path(out_dir)
+    md = render_markdown(report)  # render first: a bad report fails before anything is written
+    paths = {
+        "json": write_json(out / f"{stem}.json", report, indent=2),
+        "markdown": write_text(out / f"{stem}.md", md),
+    }
+    return paths
+
+
+def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    found: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(p.rglob("report.json"))
+        elif p.is_file():
+            found.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no report found at {item}")
+            found += matches
+    return found
+
+
+def load_reports(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    reference: bool = True,
+    title: str | None = None,
+) -> dict[str, Any]:
+    """Merge the run rows of saved reports (files, folders searched for ``report.json``, or globs)
+    into one report with the paper's rows first. Run names are kept; a name seen in several reports
+    is suffixed with its folder."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    files = _expand(paths)
+    if not files:
+        raise FileNotFoundError(f"no report.json under {paths}")
+    for f in files:
+        rep = read_json(f)
+        if not isinstance(rep, dict) or rep.get("schema") != SCHEMA:
+            raise ValueError(f"{f}: not a {SCHEMA} report")
+        for r in rep["rows"]:
+            if r.get("source", "run") != "run":
+                continue
+            r = dict(r)
+            if r["name"] in seen:
+                r["name"] = f"{r['name']} ({f.parent.name})"
+            seen.add(r["name"])
+            rows.append(r)
+    return build_report(rows, reference=reference, **({"title": title} if title else {}))
+
+
+def plot_report(report: Mapping[str, Any], *, columns: Sequence[str] | None = None, ncols: int = 4):
+    """One horizontal bar chart per benchmark (and ``avg``): a bar per row, paper rows in grey.
+    Returns the matplotlib ``Figure`` (matplotlib is imported here, not at module import)."""
+    import matplotlib.pyplot as plt
+
+    paper = [c for c in report["columns"] if c in PAPER_BENCHMARKS]
+    cols = list(columns or [*paper, "avg", *(c for c in report["columns"] if c not in PAPER_BENCHMARKS)])
+    rows = report["rows"]
+    nrows = -(-len(cols) // ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        min(ncols, len(cols)),
+        figsize=(4 * min(ncols, len(cols)), 0.35 * len(rows) * nrows + 1.5),
+        squeeze=False,
+    )
+    names = [r["name"] if r.get("source", "run") == "run" else f"{r['name']} (paper)" for r in rows]
+    colors = ["tab:blue" if r.get("source", "run") == "run" else "lightgray" for r in rows]
+    for ax, col in zip(axes.flat, cols):
+        vals = [(r.get("avg") if col == "avg" else r["values"].get(col)) for r in rows]
+        ax.barh(range(len(rows)), [v if v is not None else 0.0 for v in vals], color=colors)
+        ax.set_yticks(range(len(rows)), names if ax.get_subplotspec().is_first_col() else [""] * len(rows))
+        ax.invert_yaxis()
+        ax.set_title("avg" if col == "avg" else report["titles"].get(col, col))
+        ax.set_xlabel("%")
+        for i, v in enumerate(vals):
+            ax.text(
+                v if v is not None else 0.0, i, " –" if v is None else f" {v:.1f}", va="center", fontsize=7
+            )
+    for ax in list(axes.flat)[len(cols) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,212 @@
+"""Checkpoints of a training run: atomic Lightning checkpoints, resume helpers, adapter and merged export.
+
+* :class:`AtomicCheckpointIO` writes each ``.ckpt`` to a temporary file beside it and renames it into
+  place (``os.replace``), so a crash never leaves a half-written ``last.ckpt``; it also drops anything
+  that is not plain data, so every checkpoint loads with ``torch.load(weights_only=True)``.
+* :func:`resolve_ckpt_path` turns ``ckpt_path=last`` (or a run folder, or a file) into a file, and
+  refuses loudly when there is nothing to resume instead of silently starting over.
+* :func:`resume_sampler` restores the sampler position at the index level after a mid-epoch resume.
+* :func:`save_final_adapter` gathers ZeRO-3 partitioned tensors before :func:`llava_san.peft.save_adapter`
+  (the known LLaVA failure: adapters saved under ZeRO-3 holding empty or initial values).
+* :func:`export_merged` folds adapters + SAN into a plain ``LlavaForConditionalGeneration`` folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import nn
+
+from .utils.atomic import atomic_dir, atomic_file
+
+LAST = "last.ckpt"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not belong to the model of this run (or is no llava-san checkpoint)."""
+
+
+class NothingToResumeError(FileNotFoundError):
+    """``ckpt_path=last`` but the run folder holds no checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------
+# writing and reading .ckpt files
+# ----------------------------------------------------------------------------------------------
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
+
+
+def _is_plain(obj: Any) -> bool:
+    if isinstance(obj, _PLAIN):
+        return True
+    if isinstance(obj, (list, tuple, set)):
+        return all(_is_plain(v) for v in obj)
+    if isinstance(obj, dict):
+        return all(_is_plain(k) and _is_plain(v) for k, v in obj.items())
+    return False
+
+
+def plain_checkpoint(checkpoint: dict) -> dict:
+    """``checkpoint`` without entries that ``torch.load(weights_only=True)`` would refuse.
+
+    Hyper-parameters (which may hold an OmegaConf node, a processor...) are dropped; the run's resolved
+    config is in ``.hydra/config.yaml`` beside the checkpoints instead.
+    """
+    out = {}
+    for k, v in checkpoint.items():
+        if k in ("hyper_parameters", "datamodule_hyper_parameters", "hparams_name", "hparams_type"):
+            continue
+        if not _is_plain(v):
+            warnings.warn(f"checkpoint entry {k!r} is not plain data and is not saved", UserWarning, stacklevel=3)
+            continue
+        out[k] = v
+    return out
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO: plain data only, atomic rename, ``weights_only=True`` loading."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Optional[Any] = None) -> None:
+        with atomic_file(path, "wb") as fh:
+            torch.save(plain_checkpoint(checkpoint), fh)
+
+    def load_checkpoint(self, path: Any, map_location: Any = "cpu", weights_only: Optional[bool] = True) -> dict:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # unpickling error, truncated zip...
+            raise CheckpointMismatchError(
+                f"{path} cannot be read as a llava-san checkpoint with torch.load(weights_only=True): "
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def resolve_ckpt_path(ckpt_path: Optional[str], checkpoint_dir: str | os.PathLike) -> Optional[str]:
+    """The checkpoint to resume from, or ``None`` to start fresh.
+
+    ``None`` → fresh start; ``"last"`` → ``<checkpoint_dir>/last.ckpt`` (a ``NothingToResumeError`` if
+    absent: resume the run by pointing ``hydra.run.dir`` at its folder); a folder → its
+    ``checkpoints/last.ckpt`` or ``last.ckpt``; a file → itself. A path that does not exist raises.
+    """
+    if ckpt_path is None or str(ckpt_path).strip() == "":
+        return None
+    checkpoint_dir = Path(checkpoint_dir)
+    if str(ckpt_path) == "last":
+        last = checkpoint_dir / LAST
+        if last.exists():
+            return str(last)
+        raise NothingToResumeError(
+            f"ckpt_path=last but there is nothing to resume: {last} does not exist. To continue an "
+            "interrupted run, run again with its folder, e.g. `python -m train hydra.run.dir=<run folder> "
+            "ckpt_path=last` (plus the same overrides), or drop ckpt_path to start a new run.")
+    p = Path(ckpt_path).expanduser()
+    if p.is_dir():
+        for cand in (p / "checkpoints" / LAST, p / LAST):
+            if cand.exists():
+                return str(cand)
+        if (p / "checkpoint").is_dir() or any(p.glob("*/mp_rank_*_model_states.pt")):
+            return str(p)  # a DeepSpeed checkpoint folder
+        raise NothingToResumeError(f"ckpt_path={ckpt_path!r} is a folder without {LAST} or a checkpoint inside")
+    if not p.exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist (expected 'last', a run folder or a .ckpt)")
+    return str(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# index-level mid-epoch resume
+# ----------------------------------------------------------------------------------------------
+def _find_skippable(loader: Any) -> Any:
+    seen = []
+    stack = [loader]
+    while stack:
+        obj = stack.pop(0)
+        if obj is None or any(obj is s for s in seen):
+            continue
+        seen.append(obj)
+        if hasattr(obj, "skip") and callable(obj.skip):
+            return obj
+        for attr in ("batch_sampler", "sampler", "dataset"):
+            stack.append(getattr(obj, attr, None))
+    return None
+
+
+def resume_sampler(trainer: Any, batches_done: int) -> None:
+    """Make the next pass over the training data start after its first ``batches_done`` micro-batches.
+
+    Looks for an object with ``skip(num_samples)`` on the train dataloader's batch sampler / sampler
+    (the resumable samplers of :mod:`llava_san.data` and :class:`llava_san.training.data.ResumableSampler`);
+    without one it warns that the resume is not exact.
+    """
+    loader = trainer.train_dataloader
+    loaders = loader if isinstance(loader, (list, tuple)) else [loader]
+    for dl in loaders:
+        target = _find_skippable(dl)
+        if target is None:
+            warnings.warn("mid-epoch resume: the train dataloader's sampler has no skip(n); the epoch restarts "
+                          "from its first sample (samples will be seen twice)", UserWarning, stacklevel=2)
+            continue
+        target.skip(batches_done * int(dl.batch_size or 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# final adapter and merged export
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Gather every ZeRO-3 partitioned parameter of ``model`` for reading (no-op without ZeRO-3)."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global_zero: bool = True) -> Optional[Path]:
+    """Save the trained adapter of ``model`` in :func:`llava_san.peft.save_adapter` format.
+
+    Call on every rank (γ̄ is averaged across ranks and ZeRO-3 parameters are gathered collectively);
+    only rank 0 writes. A model without adapter (``peft=none``) saves its trained tensors (the projector)
+    as ``extra_trainable.safetensors``.
+    """
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from .peft import save_adapter, sync_gamma_ema
+
+    sync_gamma_ema(model)
+    with gathered(model):
+        if not is_global_zero:
+            return None
+        if isinstance(model, PeftModel):
+            return save_adapter(model, directory)
+        with atomic_dir(directory) as tmp:
+            trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trained, str(tmp / "extra_trainable.safetensors"))
+        return Path(directory)
+
+
+def export_merged(model: nn.Module, processor: Any, directory: str | os.PathLike) -> Path:
+    """Write a plain transformers checkpoint (adapters and SAN folded in) plus the processor, atomically.
+
+    ``model`` is consumed when it is a ``PeftModel`` (merged in place). Load it back with
+    ``LlavaForConditionalGeneration.from_pretrained(directory)``.
+    """
+    from peft import PeftModel
+
+    from .peft import merge_san
+
+    plain = merge_san(model) if isinstance(model, PeftModel) else model
+    with atomic_dir(directory) as tmp:
+        plain.save_pretrained(str(tmp))
+        if processor is not None:
+            processor.save_pretrained(str(tmp))
+    return Path(directory)

@@ -1,0 +1,271 @@
+"""easy-vqa (the ``easy-vqa`` wheel: 64x64 shapes, 13 answers) as LLaVA-format data.
+
+:func:`prepare_easyvqa` writes, atomically and idempotently, into a cache folder:
+
+* ``train.json`` -- the 38,575 training questions as LLaVA mix665k records, one question per record:
+  ``{"id", "image": "train/images/<n>.png", "conversations": [{"from": "human", "value":
+  "<image>\\n<question>\\nAnswer the question using a single word or phrase."}, {"from": "gpt",
+  "value": <answer>}], "question_type"}`` (the prompt of LLaVA-1.5's short-answer VQA data);
+* ``test_questions.jsonl`` -- the 9,673 test questions in LLaVA's evaluation question format
+  (``{"question_id", "image", "text": question + "\\nAnswer the question using a single word or
+  phrase.", "category": question_type}``; no ``<image>`` in ``text``, as in LLaVA's files);
+* ``test_answers.json`` -- ``{question_id: {"answer", "question_type", "question"}}`` for scoring;
+* ``manifest.json`` -- written last; its presence (with matching version/counts) means "done".
+
+The image folder is the wheel's own ``easy_vqa/data`` directory (``train/images``, ``test/images``).
+Question types are derived from the answer (``yes``/``no`` -> ``yes-no``, colour names -> ``colour``,
+shape names -> ``shape``); :func:`question_type_from_text` derives the same from the wording, and
+:func:`prepare_easyvqa` checks both agree for every question.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+from .datamodule import LlavaDataModule
+
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+YES_NO = ("yes", "no")
+QUESTION_TYPES = ("colour", "shape", "yes-no")
+FORMAT_VERSION = 1
+
+
+def question_type(answer: str) -> str:
+    """``"yes-no"``, ``"colour"`` or ``"shape"`` from an easy-vqa answer (``ValueError`` otherwise)."""
+    a = answer.strip().lower()
+    if a in YES_NO:
+        return "yes-no"
+    if a in COLOURS:
+        return "colour"
+    if a in SHAPES:
+        return "shape"
+    raise ValueError(f"not an easy-vqa answer: {answer!r}")
+
+
+def question_type_from_text(question: str) -> str:
+    """The question type from its wording: "what color ..." / "what is the color of ..." -> colour,
+    other "what ..." -> shape, anything else (does / is ...) -> yes-no."""
+    q = question.strip().lower()
+    if q.startswith("what"):
+        return "colour" if ("color" in q or "colour" in q) else "shape"
+    return "yes-no"
+
+
+@dataclass(frozen=True)
+class EasyVQAPaths:
+    """Where :func:`prepare_easyvqa` writes (or found) the easy-vqa files."""
+
+    cache_dir: str
+    train_records: str
+    test_questions: str
+    test_answers: str
+    manifest: str
+    image_folder: str
+
+
+def easyvqa_image_folder() -> str:
+    """The wheel's data folder (contains ``train/images`` and ``test/images``)."""
+    import easy_vqa
+
+    return os.path.join(os.path.dirname(os.path.abspath(easy_vqa.__file__)), "data")
+
+
+def easyvqa_paths(cache_dir: str) -> EasyVQAPaths:
+    """The file names under ``cache_dir`` (nothing is written)."""
+    cache_dir = os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
+    return EasyVQAPaths(
+        cache_dir=cache_dir,
+        train_records=os.path.join(cache_dir, "train.json"),
+        test_questions=os.path.join(cache_dir, "test_questions.jsonl"),
+        test_answers=os.path.join(cache_dir, "test_answers.json"),
+        manifest=os.path.join(cache_dir, "manifest.json"),
+        image_folder=easyvqa_image_folder(),
+    )
+
+
+def _atomic_write(path: str, write) -> None:
+    """Write via a temporary file in the same folder + ``os.replace`` (readers never see partial files)."""
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _load_split(split: str) -> tuple[list[str], list[str], list[int]]:
+    from easy_vqa import get_test_questions, get_train_questions
+
+    return get_train_questions() if split == "train" else get_test_questions()
+
+
+def train_records() -> list[dict[str, Any]]:
+    """The easy-vqa training questions as LLaVA records (one single-turn conversation each)."""
+    questions, answers, image_ids = _load_split("train")
+    records = []
+    for i, (q, a, img) in enumerate(zip(questions, answers, image_ids)):
+        qtype = question_type(a)
+        if question_type_from_text(q) != qtype:
+            raise ValueError(f"easy-vqa train question {i} {q!r} -> {a!r}: type from the answer ({qtype}) "
+                             f"and from the wording ({question_type_from_text(q)}) disagree")
+        records.append({
+            "id": f"easyvqa-train-{i:06d}",
+            "image": f"train/images/{img}.png",
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{q}\n{SHORT_ANSWER_PROMPT}"},
+                {"from": "gpt", "value": a},
+            ],
+            "question_type": qtype,
+        })
+    return records
+
+
+def test_questions() -> tuple[list[dict[str, Any]], dict[str, dict[str, str]]]:
+    """(LLaVA question-jsonl rows, answers by question id) for the easy-vqa test split."""
+    questions, answers, image_ids = _load_split("test")
+    rows, truth = [], {}
+    for i, (q, a, img) in enumerate(zip(questions, answers, image_ids)):
+        qtype = question_type(a)
+        if question_type_from_text(q) != qtype:
+            raise ValueError(f"easy-vqa test question {i} {q!r} -> {a!r}: question types disagree")
+        rows.append({"question_id": i, "image": f"test/images/{img}.png", "text": f"{q}\n{SHORT_ANSWER_PROMPT}",
+                     "category": qtype})
+        truth[str(i)] = {"answer": a, "question_type": qtype, "question": q}
+    return rows, truth
+
+
+def _manifest_ok(paths: EasyVQAPaths) -> bool:
+    try:
+        with open(paths.manifest, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return False
+    files = (paths.train_records, paths.test_questions, paths.test_answers)
+    return m.get("version") == FORMAT_VERSION and all(
+        os.path.isfile(p) and os.path.getsize(p) == m.get("sizes", {}).get(os.path.basename(p)) for p in files)
+
+
+def prepare_easyvqa(cache_dir: str, force: bool = False) -> EasyVQAPaths:
+    """Write the easy-vqa records / question / answer files into ``cache_dir`` (reuses existing ones).
+
+    Safe to call from several processes at once (every file is written to a temporary name and
+    renamed; the manifest is renamed last). Returns the paths, including the image folder.
+    """
+    paths = easyvqa_paths(cache_dir)
+    if not force and _manifest_ok(paths):
+        return paths
+    os.makedirs(paths.cache_dir, exist_ok=True)
+    records = train_records()
+    rows, truth = test_questions()
+    _atomic_write(paths.train_records, lambda f: json.dump(records, f, ensure_ascii=False, indent=1))
+
+    def write_jsonl(f):
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    _atomic_write(paths.test_questions, write_jsonl)
+    _atomic_write(paths.test_answers, lambda f: json.dump(truth, f, ensure_ascii=False, indent=1))
+    counts = collections.Counter(r["question_type"] for r in records)
+    manifest = {
+        "version": FORMAT_VERSION,
+        "train_records": len(records),
+        "test_questions": len(rows),
+        "train_question_types": dict(sorted(counts.items())),
+        "image_folder": paths.image_folder,
+        "prompt": SHORT_ANSWER_PROMPT,
+        "sizes": {os.path.basename(p): os.path.getsize(p)
+                  for p in (paths.train_records, paths.test_questions, paths.test_answers)},
+    }
+    _atomic_write(paths.manifest, lambda f: json.dump(manifest, f, indent=1))
+    return paths
+
+
+# ---------------------------------------------------------------------- blind baselines
+def majority_answer(answers: Iterable[str]) -> str:
+    """The most frequent answer (ties: the alphabetically first)."""
+    counts = collections.Counter(answers)
+    if not counts:
+        raise ValueError("no answers")
+    best = max(counts.values())
+    return min(a for a, c in counts.items() if c == best)
+
+
+def per_question_answers(questions: Sequence[str], answers: Sequence[str]) -> dict[str, str]:
+    """For each distinct question text, its most frequent training answer (a "blind" predictor)."""
+    by_q: dict[str, list[str]] = collections.defaultdict(list)
+    for q, a in zip(questions, answers):
+        by_q[q].append(a)
+    return {q: majority_answer(a) for q, a in by_q.items()}
+
+
+def blind_baselines() -> dict[str, Any]:
+    """Test accuracy of the two image-blind baselines, overall and per question type.
+
+    ``majority``: always the most frequent training answer (~0.37); ``per_question``: the most
+    frequent training answer of the same question text, else the majority answer (~0.67).
+    """
+    tq, ta, _ = _load_split("train")
+    q, a, _ = _load_split("test")
+    maj = majority_answer(ta)
+    per_q = per_question_answers(tq, ta)
+    out: dict[str, Any] = {"majority_answer": maj}
+    for name, predict in (("majority", lambda x: maj), ("per_question", lambda x: per_q.get(x, maj))):
+        hits = collections.Counter()
+        totals = collections.Counter()
+        for question, answer in zip(q, a):
+            t = question_type(answer)
+            totals[t] += 1
+            hits[t] += int(predict(question) == answer)
+        out[name] = {"accuracy": sum(hits.values()) / max(sum(totals.values()), 1),
+                     "by_type": {t: hits[t] / totals[t] for t in sorted(totals)}}
+    return out
+
+
+# ---------------------------------------------------------------------- datamodule
+class EasyVQADataModule(LlavaDataModule):
+    """:class:`LlavaDataModule` on easy-vqa: prepares the cache, then the same code path as mix665k.
+
+    Args:
+        cache_dir: where :func:`prepare_easyvqa` writes the records.
+        **kwargs: every :class:`LlavaDataModule` argument except ``train_file``/``image_folder``.
+    """
+
+    def __init__(self, cache_dir: str = ".cache/easyvqa", **kwargs: Any):
+        paths = easyvqa_paths(cache_dir)
+        for k in ("train_file", "image_folder"):
+            if kwargs.get(k) is not None:
+                raise ValueError(f"EasyVQADataModule sets {k} itself (from cache_dir)")
+            kwargs.pop(k, None)
+        super().__init__(train_file=paths.train_records, image_folder=paths.image_folder, **kwargs)
+        self.cache_dir = paths.cache_dir
+        self.paths: Optional[EasyVQAPaths] = None
+
+    def prepare_data(self) -> None:
+        """Write the cache (Lightning runs this once per node before ``setup``)."""
+        self.paths = prepare_easyvqa(self.cache_dir)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Make sure the cache exists (idempotent, concurrency-safe), then the usual setup."""
+        if self.paths is None:
+            self.paths = prepare_easyvqa(self.cache_dir)
+        super().setup(stage)
+
+
+__all__ = ["EasyVQADataModule", "EasyVQAPaths", "QUESTION_TYPES", "SHORT_ANSWER_PROMPT",
+           "blind_baselines", "easyvqa_image_folder", "easyvqa_paths", "majority_answer",
+           "per_question_answers", "prepare_easyvqa", "question_type", "question_type_from_text",
+           "test_questions", "train_records"]

@@ -1,0 +1,99 @@
+"""A ``DataLoader`` that knows its position in the epoch and reports bad samples at epoch end.
+
+* Stateful (``state_dict``/``load_state_dict``): Lightning saves it in checkpoints and restores it
+  before iterating again when resuming mid-epoch. The state is ``{"epoch", "batches_consumed",
+  ...signature}`` where ``batches_consumed`` counts the batches *handed to the training loop*
+  (Lightning does not prefetch a sized loader, so that is exactly the batches trained on), not the
+  ones the workers already prepared.
+* At the end of each pass it logs the per-reason bad-sample counters and raises
+  :class:`TooManyBadSamplesError` when skipped samples exceed ``max_bad_fraction`` of the epoch --
+  as soon as that is certain (``bad > max_bad_fraction * epoch_samples``), not only at the end.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Optional
+
+from torch.utils.data import DataLoader
+
+from .dataset import BadSampleCounter
+from .errors import REASONS, TooManyBadSamplesError
+from .sampler import ModalityLengthGroupedBatchSampler, check_signature
+
+log = logging.getLogger(__name__)
+
+
+class LlavaDataLoader(DataLoader):
+    """``DataLoader(dataset, batch_sampler=sampler, ...)`` plus resume state and bad-sample checks.
+
+    Args:
+        dataset: a :class:`~llava_san.data.dataset.LlavaDataset`.
+        batch_sampler: a :class:`ModalityLengthGroupedBatchSampler`.
+        counter: the dataset's :class:`BadSampleCounter`.
+        max_bad_fraction: hard limit on skipped / seen samples per epoch.
+        name: ``"train"``/``"val"`` for messages.
+        **kwargs: passed to ``DataLoader`` (``collate_fn``, ``num_workers``, ``pin_memory``, ...).
+    """
+
+    def __init__(self, dataset, batch_sampler: ModalityLengthGroupedBatchSampler, *,
+                 counter: Optional[BadSampleCounter] = None, max_bad_fraction: float = 0.01,
+                 name: str = "train", **kwargs: Any):
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self.counter = counter if counter is not None else getattr(dataset, "counter", None)
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.name = name
+        self.batches_consumed = 0
+        self.reports: list[dict] = []  # one per finished pass
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        sampler: ModalityLengthGroupedBatchSampler = self.batch_sampler
+        start = sampler.start_batch
+        plan = sampler.rank_batches()
+        epoch_samples = sum(len(b) for b in plan[start:])  # what this pass will prepare
+        limit = self.max_bad_fraction * epoch_samples
+        if self.counter is not None:
+            self.counter.reset()
+        self.batches_consumed = start
+        for batch in super().__iter__():
+            self.batches_consumed += 1
+            if self.counter is not None and self.counter.bad() > limit:
+                self._finish(sampler.epoch, epoch_samples, final=False)
+            yield batch
+        self._finish(sampler.epoch, epoch_samples, final=True)
+
+    def _finish(self, epoch: int, epoch_samples: int, final: bool) -> None:
+        if self.counter is None:
+            return
+        totals = self.counter.totals()
+        bad = {k: v for k, v in totals.items() if k in REASONS}
+        n_bad, seen = sum(bad.values()), totals.get("seen", 0)
+        report = {"split": self.name, "epoch": epoch, "seen": seen, "bad": n_bad, "bad_by_reason": bad,
+                  "truncated": totals.get("truncated", 0), "epoch_samples": epoch_samples}
+        if final:
+            self.reports.append(report)
+            level = logging.WARNING if n_bad else logging.INFO
+            log.log(level, "%s epoch %d: %d samples prepared, %d skipped %s, %d truncated", self.name, epoch,
+                    seen, n_bad, bad or "", report["truncated"])
+        if n_bad > self.max_bad_fraction * max(epoch_samples, 1):
+            raise TooManyBadSamplesError(
+                f"{self.name} epoch {epoch}: {n_bad} bad samples out of {epoch_samples} "
+                f"({n_bad / max(epoch_samples, 1):.2%}) exceed max_bad_fraction={self.max_bad_fraction:.2%}: "
+                f"{bad}. The messages are in the log (warnings 'skipping bad sample ...').")
+
+    # ------------------------------------------------------------------ resume state
+    def state_dict(self) -> dict:
+        """``{"epoch", "batches_consumed", **sampler signature}`` (per-rank batches)."""
+        sampler: ModalityLengthGroupedBatchSampler = self.batch_sampler
+        return {"epoch": sampler.epoch, "batches_consumed": int(self.batches_consumed), **sampler.signature()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next iteration starts at ``batches_consumed`` of ``epoch``."""
+        sampler: ModalityLengthGroupedBatchSampler = self.batch_sampler
+        check_signature(sampler.signature(), state)
+        sampler.set_epoch(state["epoch"])
+        sampler.set_start_batch(state["batches_consumed"])
+        self.batches_consumed = int(state["batches_consumed"])

@@ -1,0 +1,232 @@
+"""``LlavaSanModule``: LLaVA-1.5 + (SAN-)LoRA/DoRA as a Lightning module.
+
+What it trains (the LLaVA-1.5 LoRA recipe)::
+
+    CLIP vision tower ── frozen
+    multi_modal_projector ── trained in full at ``optim.projector_lr`` (2e-5)   [train_projector]
+    language model ── frozen base + peft LoRA/DoRA (+ SAN) at ``optim.lr`` (2e-4)
+    lm_head, embeddings ── frozen
+
+The model is built in :meth:`configure_model` (not ``__init__``) so that DeepSpeed ZeRO-3 partitions the
+weights while they are created. ``lora_config=None`` (``peft=none``) applies no adapter: only the
+projector trains (LLaVA's stage-1 setting); its output is a projector-only adapter file.
+
+Checkpoints (Lightning ``.ckpt``) keep only the trained tensors, SAN's γ̄ buffers and the optimiser
+state, never the frozen base: :meth:`on_save_checkpoint` filters the state dict, and
+:meth:`on_load_checkpoint` checks that a checkpoint belongs to this model (same architecture, same
+trained tensor names and shapes) before anything is loaded. Mid-epoch resume is exact at the index
+level through the datamodule's ``state_dict``/``load_state_dict`` (saved by Lightning in the checkpoint).
+
+Logged: ``train/loss`` (the LM loss; a SAN regulariser is logged apart as ``train/san_reg``),
+``train/lr``, ``train/lr_projector``, ``train/samples_per_s``, ``train/tokens_per_s`` (non-padding
+tokens) and, every ``log_gamma_every_n_steps`` optimiser steps, SAN's γ statistics
+``san/<module type>/{mean,std,min,max,clamped,ema_mean}``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+from peft import LoraConfig, PeftModel
+
+from .peft import (
+    SanConfig,
+    get_san_model,
+    san_gamma_stats,
+    san_regularization,
+    set_gamma_logging,
+    set_projector_trainable,
+)
+from .peft.adapter_io import _fingerprint
+from .training.optim import OptimConfig, build_optimizer, cosine_with_warmup
+
+#: Collator keys that go into the model's forward (others, e.g. ids for evaluation, are ignored).
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "position_ids")
+CKPT_KEY = "llava_san"
+
+
+class LlavaSanModule(L.LightningModule):
+    """LLaVA-1.5 with peft LoRA/DoRA (+ SAN), built lazily.
+
+    Args:
+        model_factory: a callable returning ``(LlavaForConditionalGeneration, processor)`` or a model
+            (``conf/model/*.yaml: build``, a Hydra ``_partial_``).
+        lora_config: peft ``LoraConfig`` (``use_dora`` for DoRA); ``None`` = no adapter.
+        san_config: :class:`llava_san.peft.SanConfig`; ``None`` = stock peft.
+        optim: :class:`llava_san.training.OptimConfig` (learning rates, AdamW, cosine warm-up).
+        train_projector: train LLaVA's multimodal projector (LLaVA recipe: yes).
+        gradient_checkpointing: non-reentrant activation checkpointing of the language model.
+        log_gamma_every_n_steps: log SAN γ statistics every this many optimiser steps (0: never).
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[], Any],
+        lora_config: Optional[LoraConfig] = None,
+        san_config: Optional[SanConfig] = None,
+        optim: Optional[OptimConfig] = None,
+        train_projector: bool = True,
+        gradient_checkpointing: bool = False,
+        log_gamma_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        if san_config is not None and lora_config is None:
+            raise ValueError("a SAN config needs a LoRA/DoRA adapter (peft.lora_config), got lora_config=None")
+        self.model_factory = model_factory
+        self.lora_config = lora_config
+        self.san_config = san_config
+        self.optim = optim or OptimConfig()
+        self.train_projector = train_projector
+        self.gradient_checkpointing = gradient_checkpointing
+        self.log_gamma_every_n_steps = int(log_gamma_every_n_steps)
+        self.model: Optional[torch.nn.Module] = None
+        self.processor = None
+        self.strict_loading = False  # checkpoints hold the trained tensors only; checked in on_load_checkpoint
+        self._t_batch: Optional[float] = None
+        self._batches_in_epoch = 0
+
+    # ------------------------------------------------------------------------------------------
+    # model
+    # ------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        built = self.model_factory()
+        model, processor = built if isinstance(built, tuple) else (built, None)
+        model.requires_grad_(False)  # vision tower, LM, embeddings, lm_head: frozen
+        if self.lora_config is not None:
+            model = get_san_model(model, self.lora_config, self.san_config)
+        if self.train_projector:
+            set_projector_trainable(model, True)
+        if self.gradient_checkpointing:
+            base = model.get_base_model() if isinstance(model, PeftModel) else model
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("nothing to train: no adapter (peft=none) and model.train_projector=false")
+        model.train()
+        self.model = model
+        self.processor = processor
+
+    def forward(self, **batch: Any) -> Any:
+        return self.model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
+
+    def trained_keys(self) -> list[str]:
+        """State-dict keys a checkpoint holds: trainable parameters and SAN buffers (γ̄)."""
+        keys = [n for n, p in self.named_parameters() if p.requires_grad]
+        keys += [n for n, _ in self.named_buffers() if n.rsplit(".", 1)[-1].startswith("san_")]
+        return keys
+
+    def fingerprint(self) -> dict:
+        """Plain-data identity of the model (checked when a checkpoint is loaded)."""
+        fp = _fingerprint(self.model)
+        fp["adapter"] = None if self.lora_config is None else {
+            "r": int(self.lora_config.r), "use_dora": bool(self.lora_config.use_dora)}
+        fp["san"] = None if self.san_config is None else self.san_config.propagation
+        return fp
+
+    # ------------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------------
+    def _gamma_step(self) -> bool:
+        n = self.log_gamma_every_n_steps
+        return n > 0 and self.san_config is not None and self.trainer.global_step % n == 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._t_batch is None:
+            self._t_batch = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        log_gamma = self._gamma_step()
+        if log_gamma:
+            set_gamma_logging(self.model, True)
+        out = self(**batch)
+        loss = out.loss
+        bs = batch["input_ids"].shape[0]
+        reg = san_regularization(self.model)
+        if reg.requires_grad or float(reg) != 0.0:
+            loss = loss + reg.to(loss.device, loss.dtype)
+            self.log("train/san_reg", reg.detach(), batch_size=bs)
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
+        if log_gamma:
+            set_gamma_logging(self.model, False)
+            stats = san_gamma_stats(self.model)
+            if stats:
+                self.log_dict(stats, batch_size=bs)
+        self._batches_in_epoch += 1
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        now = time.perf_counter()
+        dt, self._t_batch = now - (self._t_batch or now), now
+        if dt <= 0:
+            return
+        bs = batch["input_ids"].shape[0]
+        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        self.log("train/samples_per_s", bs / dt, batch_size=bs)
+        self.log("train/tokens_per_s", float(tokens) / dt, batch_size=bs)
+        opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if opt is not None:
+            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
+            self.log("train/lr", lrs.get("adapter", opt.param_groups[0]["lr"]), prog_bar=True, batch_size=bs)
+            if "projector" in lrs:
+                self.log("train/lr_projector", lrs["projector"], batch_size=bs)
+
+    def on_train_epoch_start(self) -> None:
+        self._t_batch = None
+
+    def on_train_epoch_end(self) -> None:
+        self._batches_in_epoch = 0  # a checkpoint taken at the epoch's end resumes at the next epoch's start
+
+    def configure_optimizers(self) -> dict:
+        optimizer = build_optimizer(self.named_parameters(), self.optim)
+        total = self.trainer.estimated_stepping_batches
+        if not isinstance(total, int) or total <= 0:
+            total = self.trainer.max_steps if self.trainer.max_steps > 0 else 1
+        scheduler = cosine_with_warmup(optimizer, int(total), self.optim.warmup_ratio, self.optim.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = set(self.trained_keys())
+        if "state_dict" in checkpoint:  # absent under DeepSpeed (the engine saves the module itself)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[CKPT_KEY] = {
+            "fingerprint": self.fingerprint(),
+            "trained_keys": sorted(keep),
+            "batches_in_epoch": int(self._batches_in_epoch),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from .checkpoint import CheckpointMismatchError
+
+        meta = checkpoint.get(CKPT_KEY)
+        if meta is None:
+            raise CheckpointMismatchError(
+                "this checkpoint was not written by LlavaSanModule (no 'llava_san' entry); "
+                "pass ckpt_path=<a .ckpt from a llava-san run> or ckpt_path=last")
+        mine = self.fingerprint()
+        if meta["fingerprint"] != mine:
+            raise CheckpointMismatchError(
+                f"checkpoint is from another model/adapter: it has {meta['fingerprint']}, this run builds {mine}")
+        expected = set(self.trained_keys())
+        theirs = set(meta["trained_keys"])
+        if theirs != expected:
+            missing, extra = sorted(expected - theirs), sorted(theirs - expected)
+            raise CheckpointMismatchError(
+                f"checkpoint trains other tensors than this run: missing {missing[:3]} ({len(missing)}), "
+                f"unexpected {extra[:3]} ({len(extra)})")
+        sd = checkpoint.get("state_dict")
+        if sd is not None:
+            own = dict(self.named_parameters())
+            own.update(self.named_buffers())
+            for k, v in sd.items():
+                if k in own and tuple(own[k].shape) != tuple(v.shape) and own[k].numel() > 0:
+                    raise CheckpointMismatchError(
+                        f"checkpoint tensor {k} has shape {tuple(v.shape)}, this model has {tuple(own[k].shape)}")
+        # the data position is restored by the datamodule's own state_dict (Lightning saves and restores it)
+        self._batches_in_epoch = int(meta.get("batches_in_epoch", 0))

@@ -1,0 +1,106 @@
+"""A synthetic LLaVA datamodule (random images and tokens, fixed shapes) and a resumable sampler.
+
+Used by the training tests and ``benchmarks/train_step.py``: it needs no files, every sample is a
+pure function of its index, and batches have the collator layout of :mod:`llava_san.data`
+(``input_ids``, ``attention_mask``, ``labels``, ``pixel_values``). Select it with ``data=synthetic``.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """A (shuffled) permutation of ``range(n)`` per epoch that can start mid-epoch.
+
+    ``skip(k)`` makes the next ``__iter__`` start after the first ``k`` indices of the epoch's order
+    (index-level resume: nothing seen twice, nothing skipped). The order depends on ``(seed, epoch)`` only.
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.n, self.shuffle, self.seed = int(n), shuffle, int(seed)
+        self.epoch = 0
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def skip(self, num_samples: int) -> None:
+        self._start = int(num_samples)
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._start = self._start, 0
+        return iter(self.order()[start:])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class SyntheticLlavaDataset(Dataset):
+    """``<s> <image>×n_img tokens… answer…``; loss on the last ``answer_len`` tokens."""
+
+    def __init__(self, processor: Any, num_samples: int, seq_len: int, answer_len: int, image_size: int,
+                 num_image_tokens: int, seed: int = 0) -> None:
+        tok = processor.tokenizer
+        self.image_id = tok.convert_tokens_to_ids(processor.image_token)
+        self.vocab = [i for i in range(3, min(len(tok), 1000)) if i not in (self.image_id, tok.pad_token_id)]
+        self.n, self.seq_len, self.answer_len = num_samples, seq_len, answer_len
+        self.image_size, self.n_img, self.seed = image_size, num_image_tokens, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        text = torch.tensor(self.vocab)[torch.randint(len(self.vocab), (self.seq_len,), generator=g)]
+        ids = torch.cat([torch.tensor([1]), torch.full((self.n_img,), self.image_id), text])
+        labels = torch.full_like(ids, -100)
+        labels[-self.answer_len:] = ids[-self.answer_len:]
+        pixels = torch.randn(3, self.image_size, self.image_size, generator=g)
+        return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class SyntheticDataModule(L.LightningDataModule):
+    """Fixed-shape random LLaVA batches (see :class:`SyntheticLlavaDataset`)."""
+
+    def __init__(self, processor: Any = None, num_samples: int = 64, seq_len: int = 16, answer_len: int = 4,
+                 batch_size: int = 4, seed: int = 0, shuffle: bool = True, num_workers: int = 0) -> None:
+        super().__init__()
+        if processor is None:
+            raise ValueError("SyntheticDataModule needs the model's processor (processor=...)")
+        self.processor = processor
+        self.batch_size, self.num_workers = batch_size, num_workers
+        ip = processor.image_processor
+        size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else ip.size["shortest_edge"]
+        n_img = (size // processor.patch_size) ** 2 + processor.num_additional_image_tokens - 1
+        self.dataset = SyntheticLlavaDataset(processor, num_samples, seq_len, answer_len, size, n_img, seed)
+        self.sampler = ResumableSampler(num_samples, shuffle=shuffle, seed=seed)
+
+    def state_dict(self) -> dict:
+        """The training position: batches processed in the current epoch (saved in Lightning checkpoints)."""
+        if self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(self.trainer.current_epoch), "batches": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.sampler.set_epoch(state["epoch"])
+            self.sampler.skip(state["batches"] * self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=_collate,
+                          num_workers=self.num_workers, drop_last=True)

@@ -1,0 +1,98 @@
+"""easy-vqa as LLaVA-format data: the cache files, question types, blind baselines, the datamodule."""
+import json
+import os
+
+import pytest
+import torch
+
+from llava_san.data.easyvqa import (QUESTION_TYPES, SHORT_ANSWER_PROMPT, EasyVQADataModule, blind_baselines,
+                                    majority_answer, per_question_answers, prepare_easyvqa, question_type,
+                                    question_type_from_text)
+from llava_san.models import build_tiny_llava
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache") / "easyvqa"
+    return d, prepare_easyvqa(str(d))
+
+
+def test_files_and_formats(cache):
+    d, paths = cache
+    assert sorted(os.listdir(d)) == ["manifest.json", "test_answers.json", "test_questions.jsonl", "train.json"]
+    records = json.loads(open(paths.train_records, encoding="utf-8").read())
+    assert len(records) == 38575
+    assert records[0] == {
+        "id": "easyvqa-train-000000",
+        "image": "train/images/0.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat is the blue shape?\n" + SHORT_ANSWER_PROMPT},
+            {"from": "gpt", "value": "rectangle"}],
+        "question_type": "shape",
+    }
+    assert all(os.path.isfile(os.path.join(paths.image_folder, r["image"])) for r in records[:50])
+    rows = [json.loads(line) for line in open(paths.test_questions, encoding="utf-8")]
+    assert len(rows) == 9673
+    assert set(rows[0]) == {"question_id", "image", "text", "category"}
+    assert all(r["text"].endswith("\n" + SHORT_ANSWER_PROMPT) and "<image>" not in r["text"] for r in rows)
+    truth = json.load(open(paths.test_answers))
+    assert len(truth) == 9673 and set(truth["0"]) == {"answer", "question_type", "question"}
+    assert {r["category"] for r in rows} == set(QUESTION_TYPES) == {r["question_type"] for r in records}
+    for r in rows[:200]:
+        t = truth[str(r["question_id"])]
+        assert r["category"] == t["question_type"] == question_type(t["answer"])
+        assert r["text"].startswith(t["question"])
+
+
+def test_question_type_from_answer_agrees_with_wording():
+    from easy_vqa import get_test_questions, get_train_questions
+
+    for qs, ans, _ in (get_train_questions(), get_test_questions()):
+        assert all(question_type(a) == question_type_from_text(q) for q, a in zip(qs, ans))
+    assert question_type("Yes") == "yes-no" and question_type("teal") == "colour" and question_type("circle") == "shape"
+    with pytest.raises(ValueError):
+        question_type("purple")
+
+
+def test_idempotent_and_atomic(cache):
+    d, paths = cache
+    mtimes = {f: os.stat(os.path.join(d, f)).st_mtime_ns for f in os.listdir(d)}
+    again = prepare_easyvqa(str(d))
+    assert again == paths
+    assert {f: os.stat(os.path.join(d, f)).st_mtime_ns for f in os.listdir(d)} == mtimes  # reused
+    # a damaged file is detected through the manifest and rewritten; no temp files are left behind
+    with open(paths.test_answers, "w") as f:
+        f.write("{")
+    prepare_easyvqa(str(d))
+    assert len(json.load(open(paths.test_answers))) == 9673
+    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]
+
+
+def test_blind_baselines():
+    assert majority_answer(["a", "b", "b"]) == "b" and majority_answer(["b", "a"]) == "a"
+    assert per_question_answers(["q1", "q1", "q2"], ["x", "y", "y"]) == {"q1": "x", "q2": "y"}
+    res = blind_baselines()
+    assert res["majority_answer"] == "yes"
+    assert abs(res["majority"]["accuracy"] - 0.373) < 0.005
+    assert abs(res["per_question"]["accuracy"] - 0.67) < 0.01
+    assert set(res["per_question"]["by_type"]) == set(QUESTION_TYPES)
+
+
+def test_datamodule_trains_the_tiny_model(cache):
+    d, _ = cache
+    model, processor = build_tiny_llava(seed=0)
+    dm = EasyVQADataModule(cache_dir=str(d), processor=processor, batch_size=8, num_workers=0, val_fraction=0.02,
+                           max_train_samples=64, seed=0)
+    dm.prepare_data()
+    dm.setup()
+    assert len(dm.train_dataset) == 64 and len(dm.val_dataset) == round(0.02 * 38575)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape == (8, 3, 64, 64)
+    tok = processor.tokenizer
+    answers = [tok.decode([t for t in row if t != -100]) for row in batch["labels"].tolist()]
+    assert all(a.endswith("</s>") and a[:-4] in {"yes", "no", "circle", "rectangle", "triangle", "red", "green",
+                                                 "blue", "black", "gray", "teal", "brown", "yellow"} for a in answers)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+    with pytest.raises(ValueError, match="sets train_file itself"):
+        EasyVQADataModule(cache_dir=str(d), train_file="x.json")

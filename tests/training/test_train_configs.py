@@ -1,0 +1,135 @@
+"""Every YAML of conf/ composes, and its node instantiates (lightning-hydra-template test_configs)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=["paths.output_dir=/tmp/unused", *overrides])
+
+
+def _has_data(name):
+    return (CONF / "data" / f"{name}.yaml").exists()
+
+
+@pytest.mark.parametrize("option", _options("model"))
+def test_model_config(option):
+    cfg = _compose(f"model={option}", "data=synthetic")
+    build = instantiate(cfg.model.build)  # a partial: nothing is loaded
+    assert callable(build)
+    assert cfg.model.recipe.lora_r > 0 and cfg.model.recipe.lr > 0
+    if option == "tiny":
+        model, processor = build()
+        assert type(model).__name__ == "LlavaForConditionalGeneration"
+        instantiate(cfg.model.processor)
+
+
+@pytest.mark.parametrize("option", _options("peft"))
+def test_peft_config(option):
+    from peft import LoraConfig
+
+    from llava_san.peft import SanConfig
+
+    cfg = _compose(f"peft={option}", "data=synthetic")
+    lora = instantiate(cfg.peft.lora_config) if cfg.peft.lora_config else None
+    san = instantiate(cfg.peft.san) if cfg.peft.san else None
+    assert (lora is None) == (option == "none")
+    if lora is not None:
+        assert isinstance(lora, LoraConfig) and isinstance(lora.target_modules, (set, list))
+        assert lora.use_dora == option.endswith("dora")
+    assert (san is not None) == option.startswith("san_")
+    if san is not None:
+        assert isinstance(san, SanConfig) and isinstance(san.modules, tuple)
+
+
+def test_paper_peft_values():
+    cfg = _compose("model=llava7b", "peft=san_dora", "data=synthetic")
+    lora = instantiate(cfg.peft.lora_config)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (128, 256, 0.05)
+    assert len(lora.target_modules) == 7
+
+
+def test_san_override_from_command_line():
+    cfg = _compose("peft=san_lora", "peft.san.propagation=layerwise", "data=synthetic")
+    assert instantiate(cfg.peft.san).propagation == "layerwise"
+    with pytest.raises(Exception, match="propagation"):
+        instantiate(_compose("peft=san_lora", "peft.san.propagation=sideways", "data=synthetic").peft.san)
+
+
+@pytest.mark.parametrize("option", _options("strategy"))
+def test_strategy_config(option):
+    cfg = _compose(f"strategy={option}", "data=synthetic")
+    strategy = instantiate(cfg.strategy)
+    if option.startswith("deepspeed"):
+        zero = strategy.config["zero_optimization"]
+        assert zero["stage"] == int(option[len("deepspeed_zero")])
+        assert ("offload_optimizer" in zero) == option.endswith("offload")
+        assert strategy.exclude_frozen_parameters
+
+
+@pytest.mark.parametrize("option", _options("trainer"))
+def test_trainer_config(option):
+    cfg = _compose(f"trainer={option}", "data=synthetic")
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    if option != "gpu":
+        instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+
+
+@pytest.mark.parametrize("option", _options("logger"))
+def test_logger_config(option, tmp_path):
+    needs = {"tensorboard": "tensorboard", "wandb": "wandb", "many": "tensorboard"}.get(option)
+    if needs and importlib.util.find_spec(needs) is None and importlib.util.find_spec("tensorboardX") is None:
+        pytest.skip(f"{needs} not installed (extra)")
+    cfg = _compose(f"logger={option}", "data=synthetic", f"paths.output_dir={tmp_path}")
+    loggers = [instantiate(v) for v in cfg.logger.values()]
+    assert loggers
+
+
+@pytest.mark.parametrize("option", _options("callbacks"))
+def test_callbacks_config(option):
+    cfg = _compose(f"callbacks={option}", "data=synthetic")
+    for v in (cfg.callbacks or {}).values():
+        instantiate(v)
+
+
+@pytest.mark.parametrize("option", _options("debug"))
+def test_debug_config(option):
+    _compose(f"debug={option}", "data=synthetic")
+
+
+@pytest.mark.parametrize("option", _options("data"))
+def test_data_config(option):
+    cfg = _compose(f"data={option}")
+    assert "_target_" in cfg.data
+
+
+@pytest.mark.parametrize("option", _options("experiment"))
+def test_experiment_config(option):
+    if not _has_data("mvit665k"):
+        pytest.skip("conf/data/mvit665k.yaml not there yet")
+    cfg = _compose(f"experiment={option}")
+    size, method = option[len("llava"):].split("_", 1)
+    assert cfg.model.build.language_model.endswith(f"vicuna-{size}-v1.5")
+    lora = instantiate(cfg.peft.lora_config)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.use_dora) == (128, 256, 0.05, method.endswith("dora"))
+    assert cfg.optim.lr == (1e-4 if method.endswith("dora") else 2e-4) and cfg.optim.projector_lr == 2e-5
+    assert cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.accumulate_grad_batches == 128
+    assert cfg.trainer.max_epochs == 1 and cfg.trainer.precision == "bf16-mixed"
+
+
+def test_default_config():
+    if not _has_data("easyvqa"):
+        pytest.skip("conf/data/easyvqa.yaml not there yet")
+    cfg = _compose()
+    assert cfg.model.build._target_.endswith("build_tiny") and cfg.peft.lora_config.use_dora and cfg.peft.san
+    assert cfg.trainer.max_steps > 0 and cfg.evaluate is not None
