@@ -175,7 +175,7 @@ class SanConfig:
 # ----------------------------------------------------------------------------------------------
 def pool_gamma(
     h_prime: torch.Tensor, h: torch.Tensor, token_mask: Optional[torch.Tensor], cfg: SanConfig
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """γ (fp32 or wider, ``(out,)``, clamped) of one layer and the number of clamped entries.
 
     Args:
@@ -189,12 +189,11 @@ def pool_gamma(
     hh = h.reshape(-1, out).to(acc)  # (N, out)
     w = None if token_mask is None else token_mask.reshape(-1).to(hh.dtype)  # (N,)
     if cfg.pool == "lsq":
-        if w is None:
-            num = (hp * hh).sum(0)
-            den = (hh * hh).sum(0)
-        else:
-            num = w @ (hp * hh)
-            den = w @ (hh * hh)
+        if w is not None:
+            hh_kept = hh * w[:, None]  # padded rows -> 0: they add nothing to either sum
+            num, den = torch.linalg.vecdot(hp, hh_kept, dim=0), torch.linalg.vecdot(hh_kept, hh, dim=0)
+        else:  # vecdot: one fused multiply-reduce per sum, no (N, out) temporary
+            num, den = torch.linalg.vecdot(hp, hh, dim=0), torch.linalg.vecdot(hh, hh, dim=0)
         ok = den >= cfg.eps
         gamma = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
     else:  # mean of the clipped ratio, exactly 1 where h' == h
@@ -205,9 +204,8 @@ def pool_gamma(
         else:
             gamma = (w @ ratio) / w.sum().clamp(min=1.0)
     lo, hi = cfg.clamp
-    n_clamped = int(((gamma < lo) | (gamma > hi)).sum()) if not gamma.requires_grad else int(
-        ((gamma.detach() < lo) | (gamma.detach() > hi)).sum()
-    )
+    raw = gamma.detach()
+    n_clamped = ((raw < lo) | (raw > hi)).sum()  # a tensor: no device sync in the training step
     return gamma.clamp(lo, hi), n_clamped
 
 
@@ -238,7 +236,7 @@ class _SanSlot:
         self.batch_gamma: Optional[torch.Tensor] = None
         self.batch_fid = -1
         self.ema_fid = -1
-        self.n_clamped = 0
+        self.n_clamped: Optional[torch.Tensor] = None  # entries the clamp changed, 0-d tensor
 
     def detach_from(self, src: "_SanSlot") -> bool:
         return self.state.cfg.detach_cross_block and src.block != self.block
@@ -260,7 +258,7 @@ class _SanSlot:
     def wants_gamma(self) -> bool:
         return self.has_consumer or self.state.record_all
 
-    def record(self, gamma: torch.Tensor, n_clamped: int) -> None:
+    def record(self, gamma: torch.Tensor, n_clamped: torch.Tensor) -> None:
         """Store this forward's γ and update γ̄ once per top-level forward (not in a recompute)."""
         state = self.state
         self.batch_gamma, self.batch_fid, self.n_clamped = gamma, state.forward_id, n_clamped
@@ -269,6 +267,51 @@ class _SanSlot:
             with torch.no_grad():
                 ema = self.module.san_gamma_ema
                 ema.mul_(state.cfg.ema).add_(gamma.detach().to(ema), alpha=1.0 - state.cfg.ema)
+
+
+#: Apply SAN's scaling to the frozen weight inside a custom autograd function (see
+#: :class:`_ScaledFrozenLinear`) rather than to the activations. Exact either way; the weight side
+#: touches ``out·in`` elements instead of ``tokens·out`` and is used whenever it applies.
+WEIGHT_SIDE_SCALING = True
+
+
+class _ScaledFrozenLinear(torch.autograd.Function):
+    """``y = x (diag(g_row) W diag(g_col))ᵀ`` for a frozen ``W``, without keeping the scaled weight.
+
+    The scaled ``(out, in)`` weight is made transiently in forward and again in backward, so no
+    ``(tokens, out)`` activation is rescaled and nothing beyond ``x`` (only when ``g_col`` needs its
+    gradient) is saved. ``g_row`` must not need a gradient (the caller falls back otherwise).
+    Shapes: x ``(..., in)``, W ``(out, in)``, g_row ``(out,)``, g_col ``(in,)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, g_row, g_col):
+        need_g_col = g_col is not None and ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if need_g_col else None, weight, g_row, g_col)
+        return F.linear(x, _scaled(weight, g_row, g_col, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, g_row, g_col = ctx.saved_tensors
+        grad_x = grad_g_col = None
+        if ctx.needs_input_grad[3]:
+            u = grad_y @ _scaled(weight, g_row, None, grad_y.dtype)  # grad w.r.t. (g_col ⊙ x), (..., in)
+            grad_x = u * g_col if ctx.needs_input_grad[0] else None
+            grad_g_col = (u * x).reshape(-1, u.shape[-1]).sum(0)
+        elif ctx.needs_input_grad[0]:
+            grad_x = grad_y @ _scaled(weight, g_row, g_col, grad_y.dtype)
+        return grad_x, None, None, grad_g_col
+
+
+def _scaled(weight: torch.Tensor, g_row: Optional[torch.Tensor], g_col: Optional[torch.Tensor],
+            dtype: torch.dtype) -> torch.Tensor:
+    """``diag(g_row) W diag(g_col)`` in ``dtype`` (a new tensor; ``W`` itself is never modified)."""
+    w = weight.to(dtype)
+    if g_row is not None:
+        w = w * g_row[:, None]
+    if g_col is not None:
+        w = w * g_col[None, :]
+    return w
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,8 +344,20 @@ class SanLoraLinear(lora_layer.Linear):
         g_row = slot.incoming(slot.row_src, x.dtype, training)  # (out,) or None
         g_col = slot.incoming(slot.col_src, x.dtype, training)  # (in,) or None
 
+        weight_side = (
+            WEIGHT_SIDE_SCALING
+            and (g_row is not None or g_col is not None)
+            and not hasattr(base.weight, "ds_id")  # ZeRO-3 partitions W: only a module call gathers it
+            and not (g_row is not None and g_row.requires_grad)
+            and not args
+            and not kwargs
+        )
+
         def frozen(inp: torch.Tensor) -> torch.Tensor:
-            """g_row ⊙ (W (g_col ⊙ inp)), no bias; the base layer is called as a module (ZeRO-3 gathers W)."""
+            """g_row ⊙ (W (g_col ⊙ inp)), no bias."""
+            if weight_side:  # scale the (out, in) weight transiently instead of the (N, out) activations
+                return _ScaledFrozenLinear.apply(inp, base.weight, g_row, g_col)
+            # the base layer is called as a module, so ZeRO-3 gathers W
             y = base(inp * g_col if g_col is not None else inp, *args, **kwargs)
             if base.bias is not None:
                 y = y - base.bias
@@ -578,7 +633,7 @@ def san_gamma_stats(model: nn.Module) -> dict[str, float]:
         stats[f"san/{mtype}/std"] = float(g.std(unbiased=False))
         stats[f"san/{mtype}/min"] = float(g.min())
         stats[f"san/{mtype}/max"] = float(g.max())
-        stats[f"san/{mtype}/clamped"] = sum(s.n_clamped for s in fresh) / g.numel()
+        stats[f"san/{mtype}/clamped"] = float(sum(s.n_clamped for s in fresh)) / g.numel()
     return stats
 
 

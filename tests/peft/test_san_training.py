@@ -255,3 +255,28 @@ def test_grouped_query_v_to_o_is_skipped():
     model = get_san_model(base, LoraConfig(r=2, lora_alpha=4), SanConfig(propagation="layerwise"))
     assert not any(s.endswith("v_proj") and t.endswith("o_proj") for s, t, _ in model._san_state.cfg.pairs)
     assert any(s.endswith("o_proj") and t.endswith("up_proj") for s, t, _ in model._san_state.cfg.pairs)
+
+
+@pytest.mark.parametrize("propagation,dora", [("blockwise", False), ("blockwise", True), ("layerwise", True),
+                                              ("random", False)])
+def test_weight_side_scaling_equals_activation_scaling(monkeypatch, propagation, dora):
+    """The custom autograd path (scaled weight, made transiently) and the module-call path (scaled
+    activations, used under ZeRO-3) give the same loss, γ and gradients."""
+    import llava_san.peft.san as san_mod
+
+    results = []
+    for weight_side in (True, False):
+        monkeypatch.setattr(san_mod, "WEIGHT_SIDE_SCALING", weight_side)
+        model = make(SanConfig(propagation=propagation, ema=0.5), dora=dora)
+        model.zero_grad()
+        loss = loss_fn(model)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        gammas = [l._san.batch_gamma.detach().clone() for l in san_layers(model) if l._san.batch_gamma is not None]
+        results.append((loss.detach(), grads, gammas))
+    (l0, g0, y0), (l1, g1, y1) = results
+    torch.testing.assert_close(l0, l1, rtol=1e-10, atol=1e-12)
+    for a, b in zip(y0, y1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-8, atol=1e-11, msg=n)
