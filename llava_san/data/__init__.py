@@ -11,7 +11,6 @@ Modules (one job each):
 * :mod:`.datamodule` -- the Lightning ``LlavaDataModule``; :mod:`.easyvqa` -- the embedded default data.
 """
 from .collator import LlavaCollator
-from .datamodule import LlavaDataModule
 from .dataset import BadSampleCounter, LlavaDataset
 from .errors import REASONS, BadSample, BadSampleError, TooManyBadSamplesError
 from .images import ImageLoadError, background_color, expand2square, load_image, process_image
@@ -20,6 +19,17 @@ from .loader import LlavaDataLoader
 from .preprocess import LlavaPreprocessor
 from .sampler import ModalityLengthGroupedBatchSampler, split_to_even_chunks
 from .tokenize import IGNORE_INDEX, PieceEncoder, image_token_count, tokenize_prompt
+
+
+
+def __getattr__(name):
+    # Lazy: importing Lightning is only needed for the datamodule (evaluation code imports the rest).
+    if name == "LlavaDataModule":
+        from .datamodule import LlavaDataModule
+
+        return LlavaDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "IGNORE_INDEX",

@@ -64,7 +64,8 @@ class LlavaDataModule(L.LightningDataModule):
                  model_max_length: int = 2048, batch_size: int = 16, val_batch_size: Optional[int] = None,
                  num_workers: int = 4, seed: int = 42, on_bad_sample: str = "skip",
                  max_bad_fraction: float = 0.01, group_by_modality_length: bool = True,
-                 world_size: Optional[int] = None, rank: Optional[int] = None, grad_accum: Optional[int] = None,
+                 world_size: Optional[int] = None, rank: Optional[int] = None,
+                 grad_accum: Optional[int] = None,
                  tokenization: str = "llava", image_aspect_ratio: str = "pad",
                  max_train_samples: Optional[int] = None, max_val_samples: Optional[int] = None,
                  pin_memory: bool = False, persistent_workers: bool = False,
@@ -134,14 +135,15 @@ class LlavaDataModule(L.LightningDataModule):
             val_index = self._limit(val_index, self.max_val_samples, 2)
             self.val_dataset = LlavaDataset(val_index, preprocessor, self.on_bad_sample,
                                             BadSampleCounter(self.num_workers))
-        log.info("data: %d train / %d val samples from %s (template %s, max length %d)", len(self.train_dataset),
-                 len(self.val_dataset) if self.val_dataset else 0, self.train_file, self.template,
-                 self.model_max_length)
+        log.info("data: %d train / %d val samples from %s (template %s, max length %d)",
+                 len(self.train_dataset), len(self.val_dataset) if self.val_dataset else 0, self.train_file,
+                 self.template, self.model_max_length)
 
     def _build_index(self, path: str) -> RecordIndex:
         index = RecordIndex.build(path, on_bad_sample=self.on_bad_sample)
         st = index.stats
-        self.index_stats[str(path)] = {"total": st.total, "kept": st.kept, "bad_by_reason": dict(st.bad_counts),
+        self.index_stats[str(path)] = {"total": st.total, "kept": st.kept,
+                                       "bad_by_reason": dict(st.bad_counts),
                                        "build_seconds": round(st.build_seconds, 3)}
         if st.bad:
             log.warning("%s: %d of %d records left out %s; e.g. %s", path, st.bad, st.total, st.bad_counts,
@@ -149,7 +151,8 @@ class LlavaDataModule(L.LightningDataModule):
         if st.bad > self.max_bad_fraction * max(st.total, 1):
             raise TooManyBadSamplesError(
                 f"{path}: {st.bad} of {st.total} records are invalid ({st.bad / max(st.total, 1):.2%} > "
-                f"max_bad_fraction={self.max_bad_fraction:.2%}): {st.bad_counts}; examples: {st.bad_examples}")
+                f"max_bad_fraction={self.max_bad_fraction:.2%}): {st.bad_counts}; "
+                f"examples: {st.bad_examples}")
         if st.kept == 0:
             raise ValueError(f"{path}: no usable records")
         return index
@@ -162,7 +165,7 @@ class LlavaDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _parallel(self) -> tuple[int, int, int]:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        trainer = getattr(self, "trainer", None)
         world = self.world_size if self.world_size is not None else (trainer.world_size if trainer else 1)
         rank = self.rank if self.rank is not None else (trainer.global_rank if trainer else 0)
         accum = self.grad_accum if self.grad_accum is not None else (
@@ -170,8 +173,8 @@ class LlavaDataModule(L.LightningDataModule):
         if trainer is not None and world > 1:
             conn = getattr(trainer, "_accelerator_connector", None)
             if conn is not None and getattr(conn, "use_distributed_sampler", False):
-                raise ValueError("LlavaDataModule shards its own batches (LLaVA's grouped sampler): create the "
-                                 "Trainer with use_distributed_sampler=False")
+                raise ValueError("LlavaDataModule shards its own batches (LLaVA's grouped sampler): "
+                                 "create the Trainer with use_distributed_sampler=False")
         return int(world), int(rank), int(accum)
 
     def _loader_kwargs(self) -> dict:
@@ -189,10 +192,11 @@ class LlavaDataModule(L.LightningDataModule):
         self.setup("fit")
         world, rank, accum = self._parallel()
         sampler = ModalityLengthGroupedBatchSampler(
-            self.train_dataset.modality_lengths, self.batch_size, world_size=world, rank=rank, grad_accum=accum,
-            seed=self.seed, mode="modality" if self.group_by_modality_length else "random")
+            self.train_dataset.modality_lengths, self.batch_size, world_size=world, rank=rank,
+            grad_accum=accum, seed=self.seed, mode="modality" if self.group_by_modality_length else "random")
         loader = LlavaDataLoader(self.train_dataset, sampler, counter=self.train_dataset.counter,
-                                 max_bad_fraction=self.max_bad_fraction, name="train", **self._loader_kwargs())
+                                 max_bad_fraction=self.max_bad_fraction, name="train",
+                                 **self._loader_kwargs())
         if self._pending_state is not None:
             loader.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -206,7 +210,8 @@ class LlavaDataModule(L.LightningDataModule):
             return []
         world, rank, _ = self._parallel()
         sampler = ModalityLengthGroupedBatchSampler(self.val_dataset.modality_lengths, self.val_batch_size,
-                                                    world_size=world, rank=rank, seed=self.seed, mode="sequential")
+                                                    world_size=world, rank=rank, seed=self.seed,
+                                                    mode="sequential")
         return LlavaDataLoader(self.val_dataset, sampler, counter=self.val_dataset.counter,
                                max_bad_fraction=self.max_bad_fraction, name="val", **self._loader_kwargs())
 

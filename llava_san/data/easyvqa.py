@@ -142,8 +142,8 @@ def test_questions() -> tuple[list[dict[str, Any]], dict[str, dict[str, str]]]:
         qtype = question_type(a)
         if question_type_from_text(q) != qtype:
             raise ValueError(f"easy-vqa test question {i} {q!r} -> {a!r}: question types disagree")
-        rows.append({"question_id": i, "image": f"test/images/{img}.png", "text": f"{q}\n{SHORT_ANSWER_PROMPT}",
-                     "category": qtype})
+        rows.append({"question_id": i, "image": f"test/images/{img}.png",
+                     "text": f"{q}\n{SHORT_ANSWER_PROMPT}", "category": qtype})
         truth[str(i)] = {"answer": a, "question_type": qtype, "question": q}
     return rows, truth
 
@@ -155,8 +155,9 @@ def _manifest_ok(paths: EasyVQAPaths) -> bool:
     except (OSError, ValueError):
         return False
     files = (paths.train_records, paths.test_questions, paths.test_answers)
+    sizes = m.get("sizes", {})
     return m.get("version") == FORMAT_VERSION and all(
-        os.path.isfile(p) and os.path.getsize(p) == m.get("sizes", {}).get(os.path.basename(p)) for p in files)
+        os.path.isfile(p) and os.path.getsize(p) == sizes.get(os.path.basename(p)) for p in files)
 
 
 def prepare_easyvqa(cache_dir: str, force: bool = False) -> EasyVQAPaths:

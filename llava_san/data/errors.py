@@ -50,7 +50,9 @@ class BadSampleError(ValueError):
 
     def __init__(self, message: str, reason: str = ""):
         super().__init__(f"[{reason}] {message}" if reason else message)
-        self.reason = reason or (message[1:message.index("]")] if message.startswith("[") and "]" in message else "")
+        if not reason and message.startswith("[") and "]" in message:
+            reason = message[1:message.index("]")]
+        self.reason = reason
 
 
 class TooManyBadSamplesError(RuntimeError):

@@ -11,13 +11,17 @@ from PIL import Image
 
 # Modes PIL converts to RGB directly (what LLaVA's ``Image.open(...).convert('RGB')`` does):
 # alpha is dropped, palettes are looked up, CMYK / YCbCr / LAB are colour-converted.
-_DIRECT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+_DIRECT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
+                 "HSV"}
 # High bit-depth single-channel modes: PIL's convert('RGB') would clip them, so scale to 8 bits.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 class ImageLoadError(ValueError):
-    """An image could not be loaded; ``reason`` is ``missing_image``/``corrupt_image``/``unsupported_image``."""
+    """An image could not be loaded.
+
+    ``reason`` is ``missing_image``, ``corrupt_image`` or ``unsupported_image``.
+    """
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)

@@ -272,7 +272,8 @@ def _scan_array(path: str, bom: int) -> Iterator[tuple[int, int, Any]]:
             pos = _skip_ws(r.text, pos)
             if pos >= len(r.text):
                 if r.eof:
-                    raise ValueError(_locate(path, r.end_byte, "unexpected end of file inside the top-level array"))
+                    raise ValueError(_locate(path, r.end_byte,
+                                             "unexpected end of file inside the top-level array"))
                 r.load(r.byte_at(pos), chunk)
                 pos = 0
                 continue
@@ -282,7 +283,8 @@ def _scan_array(path: str, bom: int) -> Iterator[tuple[int, int, Any]]:
                 return
             if not expect_value:
                 if ch != ",":
-                    raise ValueError(_locate(path, r.byte_at(pos), f"expected ',' or ']' between records, got {ch!r}"))
+                    raise ValueError(_locate(path, r.byte_at(pos),
+                                             f"expected ',' or ']' between records, got {ch!r}"))
                 expect_value = True
                 pos += 1
                 continue
@@ -303,8 +305,8 @@ def _scan_array(path: str, bom: int) -> Iterator[tuple[int, int, Any]]:
                 if pos == 0:
                     chunk *= 2
                     if chunk > _MAX_RECORD:
-                        raise ValueError(_locate(path, start_byte, f"record larger than {_MAX_RECORD >> 20} MiB "
-                                                 "or malformed JSON"))
+                        too_big = f"record larger than {_MAX_RECORD >> 20} MiB or malformed JSON"
+                        raise ValueError(_locate(path, start_byte, too_big))
                 r.load(start_byte, chunk)
                 pos = 0
                 continue
@@ -332,7 +334,8 @@ def _scan_lines(path: str, bom: int) -> Iterator[tuple[int, int, Any]]:
                 try:
                     rec = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {lineno} column {e.colno}: invalid JSON: {e.msg}") from None
+                    raise ValueError(f"{path}: line {lineno} column {e.colno}: invalid JSON: {e.msg}") \
+                        from None
                 lead = len(line) - len(line.lstrip())
                 yield offset + lead, len(stripped), rec
             offset += len(line)
@@ -346,7 +349,8 @@ def _check_trailing(path: str, byte_pos: int) -> None:
         while block := f.read(1 << 20):
             extra = block.lstrip(b" \t\r\n")
             if extra:
-                raise ValueError(_locate(path, at + len(block) - len(extra), "extra data after the top-level array"))
+                raise ValueError(_locate(path, at + len(block) - len(extra),
+                                         "extra data after the top-level array"))
             at += len(block)
 
 
@@ -363,4 +367,5 @@ def _locate(path: str, byte_pos: int, msg: str) -> str:
                 line += nl
                 last_nl = done + block.rfind(b"\n")
             done += len(block)
-    return f"{path}: line {line} column {byte_pos - last_nl} (byte {byte_pos}): invalid JSON records file: {msg}"
+    return (f"{path}: line {line} column {byte_pos - last_nl} (byte {byte_pos}): "
+            f"invalid JSON records file: {msg}")

@@ -56,8 +56,8 @@ class LlavaPreprocessor:
     @classmethod
     def from_processor(cls, processor, **kwargs) -> "LlavaPreprocessor":
         """Build from a transformers ``LlavaProcessor`` (image size, patch, extra tokens read from it)."""
-        return cls(processor.tokenizer, processor.image_processor,
-                   image_token_id=processor.image_token_id, image_tokens=image_token_count(processor), **kwargs)
+        return cls(processor.tokenizer, processor.image_processor, image_token_id=processor.image_token_id,
+                   image_tokens=image_token_count(processor), **kwargs)
 
     # ------------------------------------------------------------------ text
     def encode_record(self, rec: dict, position: int = 0, path: str = "<memory>") -> tuple[Encoded, bool]:
@@ -93,7 +93,8 @@ class LlavaPreprocessor:
             del enc.input_ids[limit:], enc.labels[limit:]
         if all(x == IGNORE_INDEX for x in enc.labels):
             why = f"after truncation to {limit} tokens (was {n})" if truncated else "in the whole sample"
-            raise BadSample("no_trained_tokens", f"{where(rec.get('id'), position, path)}: no trained token {why}")
+            raise BadSample("no_trained_tokens",
+                            f"{where(rec.get('id'), position, path)}: no trained token {why}")
         return truncated
 
     # ------------------------------------------------------------------ full sample

@@ -129,7 +129,7 @@ class ModalityLengthGroupedBatchSampler(Sampler[list[int]]):
     def global_batches(self, epoch: Optional[int] = None) -> list[list[int]]:
         """All ranks' batches of ``epoch`` in order; batch ``j`` belongs to rank ``j % world_size``."""
         epoch = self.epoch if epoch is None else int(epoch)
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = np.random.default_rng([self.seed % 2**63, epoch % 2**63])
         big = self.megabatch_size
         n_chunks = self.world_size * self.grad_accum
         absl = np.abs(self.lengths)
@@ -149,8 +149,11 @@ class ModalityLengthGroupedBatchSampler(Sampler[list[int]]):
                     mb = mb[np.argsort(-absl[mb], kind="stable")]
                 mb = mb.tolist()
                 if len(mb) == big:
-                    chunks = (split_to_even_chunks(mb, absl, n_chunks) if self.mode == "modality"
-                              else [mb[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n_chunks)])
+                    if self.mode == "modality":
+                        chunks = split_to_even_chunks(mb, absl, n_chunks)
+                    else:
+                        bs = self.batch_size
+                        chunks = [mb[i * bs:(i + 1) * bs] for i in range(n_chunks)]
                     full_mbs.append(chunks)
                     continue
                 c = self._partial_chunks(len(mb))

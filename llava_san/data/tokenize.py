@@ -205,8 +205,9 @@ class PieceEncoder:
 
 def _drift_msg(run, full, pre, tokenizer) -> str:
     text = "".join(p.text for p in run)
-    return (f"a trained/masked boundary falls inside a token in {text[:120]!r}: prefix tokens "
-            f"{tokenizer.convert_ids_to_tokens(pre[-3:])} vs {tokenizer.convert_ids_to_tokens(full[:len(pre)][-3:])}")
+    got = tokenizer.convert_ids_to_tokens(pre[-3:])
+    want = tokenizer.convert_ids_to_tokens(full[:len(pre)][-3:])
+    return f"a trained/masked boundary falls inside a token in {text[:120]!r}: prefix tokens {got} vs {want}"
 
 
 def prompt_pieces(prompt: str) -> list[Piece]:

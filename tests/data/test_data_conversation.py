@@ -31,19 +31,20 @@ def test_vicuna_render_prompt_golden():
     prompt = t.render_prompt("<image>\nWhat is the colour of the shape?")
     assert prompt == SYSTEM + " USER: <image>\nWhat is the colour of the shape? ASSISTANT:"
     assert prompt.endswith("ASSISTANT:")
-    assert prompt == llava_get_prompt_two(SYSTEM, ("USER", "ASSISTANT"), " ", "</s>",
-                                          [("USER", "<image>\nWhat is the colour of the shape?"), ("ASSISTANT", None)])
+    messages = [("USER", "<image>\nWhat is the colour of the shape?"), ("ASSISTANT", None)]
+    assert prompt == llava_get_prompt_two(SYSTEM, ("USER", "ASSISTANT"), " ", "</s>", messages)
     assert t.stop_str == "</s>"
 
 
 def test_vicuna_training_pieces_golden():
     t = get_template("vicuna_v1")
-    turns = [("human", "<image>\nWhat is it?"), ("gpt", "A red circle."), ("human", "Is it big?"), ("gpt", "no")]
+    turns = [("human", "<image>\nWhat is it?"), ("gpt", "A red circle."),
+             ("human", "Is it big?"), ("gpt", "no")]
     rendered = t.render(turns)
     assert rendered == (SYSTEM + " USER: <image>\nWhat is it? ASSISTANT: A red circle.</s>"
                         "USER: Is it big? ASSISTANT: no</s>")
-    assert rendered == llava_get_prompt_two(SYSTEM, ("USER", "ASSISTANT"), " ", "</s>",
-                                            [("USER", v) if r == "human" else ("ASSISTANT", v) for r, v in turns])
+    messages = [("USER", v) if r == "human" else ("ASSISTANT", v) for r, v in turns]
+    assert rendered == llava_get_prompt_two(SYSTEM, ("USER", "ASSISTANT"), " ", "</s>", messages)
     pieces = t.pieces(turns)
     assert "".join(p.text for p in pieces) == rendered
     assert [p.text for p in pieces if p.trained] == [" A red circle.", "</s>", " no", "</s>"]
@@ -56,7 +57,8 @@ def test_vicuna_text_only_and_unanswered_turn():
     t = get_template("vicuna_v1")
     turns = [("human", "Hi"), ("gpt", "Hello"), ("human", "Bye")]
     pieces = t.pieces(turns)
-    assert "".join(p.text for p in pieces) == t.render(turns) == SYSTEM + " USER: Hi ASSISTANT: Hello</s>USER: Bye "
+    expected = SYSTEM + " USER: Hi ASSISTANT: Hello</s>USER: Bye "
+    assert "".join(p.text for p in pieces) == t.render(turns) == expected
     assert not any(p.kind == "image" for p in pieces)
     assert [p.text for p in pieces if p.trained] == [" Hello", "</s>"]
 

@@ -47,10 +47,12 @@ def data_dir(tmp_path_factory):
     recs = []
     for i in range(N_GOOD_IMG):
         recs.append({"id": f"img{i}", "image": f"coco/train2017/{names[i % 5]}",
-                     "conversations": _conv(f"what color is shape {i}?", ["blue", "red", "green"][i % 3], True)
+                     "conversations": _conv(f"what color is shape {i}?", ["blue", "red", "green"][i % 3],
+                                            True)
                      + _conv("is it a circle?", "yes" if i % 2 else "no")})
     for i in range(N_TEXT):
-        recs.append({"id": f"txt{i}", "conversations": _conv(f"tell me about number {i}", "it is a number " * (1 + i))})
+        recs.append({"id": f"txt{i}",
+                     "conversations": _conv(f"tell me about number {i}", "it is a number " * (1 + i))})
     runtime_bad = [
         {"id": "missing", "image": "coco/train2017/nope.jpg", "conversations": _conv("q?", "a", True)},
         {"id": "trunc", "image": "coco/train2017/trunc.jpg", "conversations": _conv("q?", "a", True)},
@@ -105,7 +107,9 @@ def test_batches_contract_and_model_forward(data_dir, model_and_processor):
             assert (n_img_tokens == 0).all()
     assert kinds == {"image", "text"}
     with torch.no_grad():
-        for b in (next(b for b in batches if "pixel_values" in b), next(b for b in batches if "pixel_values" not in b)):
+        image_batch = next(b for b in batches if "pixel_values" in b)
+        text_batch = next(b for b in batches if "pixel_values" not in b)
+        for b in (image_batch, text_batch):
             out = model(**b)
             assert torch.isfinite(out.loss)
 
@@ -265,3 +269,20 @@ def test_hydra_configs_instantiate(tmp_path, model_and_processor):
     data = OmegaConf.load(os.path.join(ROOT, "conf", "data", "mvit665k.yaml"))
     dm = instantiate(OmegaConf.create({"data": data}).data, processor=processor)
     assert dm.train_file == "data/llava_v1_5_mix665k.json" and dm.seed == 42
+
+
+def test_parallel_settings_come_from_the_trainer(data_dir, model_and_processor):
+    _, processor = model_and_processor
+    kw = dict(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    dm = make_dm(data_dir, processor)
+    dm.trainer = L.Trainer(accumulate_grad_batches=3, use_distributed_sampler=False, **kw)
+    s = dm.train_dataloader().batch_sampler
+    assert (s.world_size, s.rank, s.grad_accum, s.megabatch_size) == (2, 0, 3, 24)
+    dm = make_dm(data_dir, processor, grad_accum=1, world_size=1, rank=0)  # explicit overrides win
+    dm.trainer = L.Trainer(accumulate_grad_batches=3, use_distributed_sampler=False, **kw)
+    s = dm.train_dataloader().batch_sampler
+    assert (s.world_size, s.grad_accum) == (1, 1)
+    dm = make_dm(data_dir, processor)
+    dm.trainer = L.Trainer(**kw)  # Lightning would replace our sharded sampler
+    with pytest.raises(ValueError, match="use_distributed_sampler=False"):
+        dm.train_dataloader()

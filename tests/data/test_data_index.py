@@ -22,7 +22,8 @@ def llava_modality_lengths(records):
 
 def make_records(n, seed=0):
     rng = np.random.default_rng(seed)
-    words = ["the", "shape", "blue", "größe", "円", "😀", "a\tb", "x\u3000y", "line\nbreak", "\"quoted\"", "back\\slash"]
+    words = ["the", "shape", "blue", "größe", "円", "😀", "a\tb", "x\u3000y", "line\nbreak", "\"quoted\"",
+             "back\\slash"]
     recs = []
     for i in range(n):
         conv = []
@@ -91,8 +92,8 @@ BAD = [
     ({"id": "noans", "conversations": [{"from": "human", "value": "q"}]}, "no_answer"),
     ({"id": "val", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}]},
      "invalid_record"),
-    ({"id": "img", "image": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "q"},
-                                                                   {"from": "gpt", "value": "a"}]}, "invalid_record"),
+    ({"id": "img", "image": ["a.jpg", "b.jpg"],
+      "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "invalid_record"),
     ("not an object", "invalid_record"),
 ]
 
@@ -127,7 +128,8 @@ def test_bad_record_raise_policy(tmp_path, rec, reason):
 
 @pytest.mark.parametrize("content,what", [
     (b'[{"id": "a", "conversations": []},\n {"id": "b" "conversations": []}]', "line 2"),
-    (b'[{"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}', "end of file"),
+    (b'[{"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}',
+     "end of file"),
     (b'[{"id": "a"}, ]', "line 1"),
     (b'[{"id": "a"}]\ngarbage', "extra data"),
     (b'[{"id": "a", "conversations": "caf\xe9"}]', "not valid UTF-8"),
@@ -156,7 +158,7 @@ def test_non_utf8_deep_in_a_large_file_reports_its_line(tmp_path):
 
 
 def test_index_memory_is_packed(tmp_path):
-    recs = make_records(20000, seed=3)
+    recs = make_records(10000, seed=3)
     path = tmp_path / "big.json"
     path.write_text(json.dumps(recs))
     del recs

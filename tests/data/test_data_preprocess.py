@@ -26,7 +26,8 @@ RECORDS = [
         {"from": "gpt", "value": "I am fine.\nThanks!"}]},
     # single turn VQA
     {"id": "vqa", "image": "img.png", "conversations": [
-        {"from": "human", "value": "<image>\nwhat shape is present?\nAnswer the question using a single word or phrase."},
+        {"from": "human",
+         "value": "<image>\nwhat shape is present?\nAnswer the question using a single word or phrase."},
         {"from": "gpt", "value": "triangle"}]},
 ]
 
@@ -163,8 +164,9 @@ def test_golden_vqa_sample(processor):
     a, b = enc.image_spans[0]
     assert tok.decode(enc.input_ids[:a]) == "<s> " + SYSTEM + " USER: "  # decode adds the '▁' as a space
     assert text[b:b + 2] == ["▁", "<0x0A>"]
-    assert tok.decode(enc.input_ids[b + 1:]) == ("\nwhat shape is present?\nAnswer the question using a single word or "
-                                             "phrase. ASSISTANT: triangle</s>")
+    expected = ("\nwhat shape is present?\nAnswer the question using a single word or phrase. "
+                "ASSISTANT: triangle</s>")
+    assert tok.decode(enc.input_ids[b + 1:]) == expected
     assert [tok.decode(s) for s in trained_spans(enc.input_ids, enc.labels)] == ["triangle</s>"]
 
 
@@ -188,26 +190,29 @@ def test_plain_template_labels(processor):
     tok = processor.tokenizer
     pre = LlavaPreprocessor.from_processor(processor, template="plain")
     rec = {"id": "cap", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nGive a short caption."}, {"from": "gpt", "value": "a red circle"}]}
+        {"from": "human", "value": "<image>\nGive a short caption."},
+        {"from": "gpt", "value": "a red circle"}]}
     enc, _ = pre.encode_record(rec)
     ref = llava_tokenizer_image_token("<image>a red circle\n", tok, processor.image_token_id)
     assert enc.input_ids == expand(ref, processor.image_token_id, 16)
     # LLaVA masks len(tokenizer_image_token("<image>")) = [<s>, <image>]; the rest is trained
     assert enc.labels[:17] == [IGNORE_INDEX] * 17 and enc.labels[17:] == enc.input_ids[17:]
     with pytest.raises(BadSample) as e:
-        pre.encode_record({"id": "t", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-                          3, "data.json")
+        text_only = {"id": "t", "conversations": [{"from": "human", "value": "q"},
+                                                  {"from": "gpt", "value": "a"}]}
+        pre.encode_record(text_only, 3, "data.json")
     assert e.value.reason == "template_mismatch" and "'t'" in str(e.value) and "data.json" in str(e.value)
 
 
 def test_drift_is_detected_not_silently_masked(processor):
     enc = PieceEncoder(processor.tokenizer, processor.image_token_id, 16)
-    assert processor.tokenizer.convert_ids_to_tokens(processor.tokenizer("assistant").input_ids)[1:] == ["▁assistant"]
+    tok = processor.tokenizer
+    assert tok.convert_ids_to_tokens(tok("assistant").input_ids)[1:] == ["▁assistant"]
     with pytest.raises(BadSample) as e:  # a boundary inside the single token '▁assistant'
         enc.encode([Piece("The assis", False), Piece("tant", True)])
     assert e.value.reason == "tokenization_drift"
     ok = enc.encode([Piece("The", False), Piece(" assistant", True)])
-    assert processor.tokenizer.convert_ids_to_tokens([i for i in ok.labels if i != IGNORE_INDEX]) == ["▁assistant"]
+    assert tok.convert_ids_to_tokens([i for i in ok.labels if i != IGNORE_INDEX]) == ["▁assistant"]
 
 
 def _long_record(n_words, image=True):
@@ -222,19 +227,20 @@ def _long_record(n_words, image=True):
 def test_truncation_keeps_image_span_and_counts(processor, tmp_path):
     Image.new("RGB", (40, 64), (255, 0, 0)).save(tmp_path / "img.png")
     full_len = len(LlavaPreprocessor.from_processor(processor).encode_record(_long_record(30))[0].input_ids)
-    pre = LlavaPreprocessor.from_processor(processor, model_max_length=full_len - 5, image_folder=str(tmp_path))
+    folder = str(tmp_path)
+    pre = LlavaPreprocessor.from_processor(processor, model_max_length=full_len - 5, image_folder=folder)
     sample = pre(_long_record(30), 7, "data.json")
     assert sample["truncated"] and len(sample["input_ids"]) == full_len - 5 == len(sample["labels"])
     assert int((sample["input_ids"] == processor.image_token_id).sum()) == 16  # image span intact
     assert sample["pixel_values"].shape == (3, 64, 64)
     # limit inside the image span: skipped, not cut
     a, b = pre.encode_record(_long_record(30))[0].image_spans[0]
-    pre_small = LlavaPreprocessor.from_processor(processor, model_max_length=a + 5, image_folder=str(tmp_path))
+    pre_small = LlavaPreprocessor.from_processor(processor, model_max_length=a + 5, image_folder=folder)
     with pytest.raises(BadSample) as e:
         pre_small(_long_record(30), 7, "data.json")
     assert e.value.reason == "too_long" and "'long'" in str(e.value) and "data.json" in str(e.value)
     # limit after the image but before any answer token: no trained token left
-    pre_mid = LlavaPreprocessor.from_processor(processor, model_max_length=b + 3, image_folder=str(tmp_path))
+    pre_mid = LlavaPreprocessor.from_processor(processor, model_max_length=b + 3, image_folder=folder)
     with pytest.raises(BadSample) as e:
         pre_mid(_long_record(30), 7, "data.json")
     assert e.value.reason == "no_trained_tokens" and "(#7) in data.json" in str(e.value)
@@ -248,3 +254,23 @@ def test_sample_tensors(processor, tmp_path):
     assert s["pixel_values"].dtype == torch.float32 and s["pixel_values"].shape == (3, 64, 64)
     t = pre(RECORDS[1])
     assert t["pixel_values"] is None and not t["truncated"]
+
+
+def test_image_placeholder_normalisation(processor):
+    pre = LlavaPreprocessor.from_processor(processor)
+    # image record without a placeholder: one is put at the front of the first human turn
+    rec = {"id": "noph", "image": "x.png", "conversations": [{"from": "human", "value": "  What is it? "},
+                                                             {"from": "gpt", "value": "a shape"}]}
+    turns, has_image = normalize_turns(rec, 0, "f")
+    assert has_image and turns[0] == ("human", "<image>\nWhat is it?")
+    assert sum(i == processor.image_token_id for i in pre.encode_record(rec)[0].input_ids) == 16
+    # several placeholders: exactly one image span
+    rec2 = {"id": "two", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image> a <image>"}, {"from": "gpt", "value": "b"},
+        {"from": "human", "value": "c <image>"}, {"from": "gpt", "value": "d"}]}
+    assert len(pre.encode_record(rec2)[0].image_spans) == 1
+    # text-only record quoting "<image>": no image token may appear
+    rec3 = {"id": "quote", "conversations": [{"from": "human", "value": "what does <image> mean?"},
+                                             {"from": "gpt", "value": "a tag"}]}
+    enc, has_image = pre.encode_record(rec3)
+    assert not has_image and processor.image_token_id not in enc.input_ids
