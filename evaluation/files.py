@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from llava_san.utils.atomic import atomic_file
 
 __all__ = ["DataFileError", "atomic_write", "iter_jsonl", "read_json", "write_json", "write_text"]
 
@@ -29,19 +30,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, mode, encoding=None if "b" in mode else encoding) as f:
+        yield f
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

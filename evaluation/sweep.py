@@ -1,5 +1,7 @@
 """Collect a Hydra multirun (e.g. ``peft`` x ``seed``) into mean +- std per configuration.
 
+``python -m evaluation.sweep MULTIRUN_DIR`` prints the table (:func:`main`).
+
 A multirun folder holds one sub-folder per job, each with ``.hydra/overrides.yaml`` (the job's
 command-line overrides, a YAML list of ``key=value``), ``.hydra/config.yaml`` and the job's
 ``metrics.json`` (any JSON object; nested dicts are flattened to ``a/b`` keys, non-numeric leaves
@@ -20,11 +22,13 @@ from typing import Any, Iterable, Mapping, Sequence
 from evaluation.files import DataFileError, read_json
 
 __all__ = [
+    "DEFAULT_METRICS",
     "Job",
     "aggregate",
     "collect_multirun",
     "flatten_metrics",
     "load_job",
+    "main",
     "parse_overrides",
     "plot_sweep",
     "sweep_markdown",
@@ -215,3 +219,56 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], metric: str | None = None, *, 
     ax.set_title(f"{metric}: mean ± std over seeds")
     fig.tight_layout()
     return fig
+
+
+#: Columns of ``python -m evaluation.sweep`` when ``--metrics`` is not given (those the jobs have).
+DEFAULT_METRICS = (
+    "test/easyvqa_accuracy",
+    "test/easyvqa_blind_baseline",
+    "train/loss_first",
+    "train/loss_last",
+    "time/train_s",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m evaluation.sweep MULTIRUN_DIR [--metrics M ...] [--all] [--by KEY ...] [--scale S]``:
+    print the sweep's markdown table (mean ± std over seeds per configuration)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m evaluation.sweep", description=main.__doc__)
+    parser.add_argument("multirun_dir", help="a Hydra multirun folder (e.g. multirun/train/<time>)")
+    parser.add_argument("--metrics", nargs="+",
+                        help=f"columns (default: those of {list(DEFAULT_METRICS)} present)")
+    parser.add_argument("--all", action="store_true", help="every numeric metric as a column")
+    parser.add_argument("--by", nargs="+",
+                        help="group by these override keys (default: those varying across jobs, "
+                        "never the seed)")
+    parser.add_argument("--seed-key", default="seed")
+    parser.add_argument("--scale", type=float, default=1.0, help="e.g. 100 for percentages")
+    parser.add_argument("--digits", type=int, default=3)
+    parser.add_argument("--strict", action="store_true", help="fail on a job without metrics.json")
+    args = parser.parse_args(argv)
+    jobs = collect_multirun(args.multirun_dir, strict=args.strict)
+    present = {m for j in jobs for m in j.metrics}
+    if args.metrics:
+        unknown = [m for m in args.metrics if m not in present]
+        if unknown:
+            parser.error(f"no job has {unknown}; available: {sorted(present)}")
+        names = list(args.metrics)
+    elif args.all:
+        names = sorted(present)
+    else:
+        names = [m for m in DEFAULT_METRICS if m in present] or sorted(present)
+    by = args.by
+    if by is None:
+        keys = list(dict.fromkeys(k for j in jobs for k in j.overrides if k != args.seed_key))
+        by = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1] or keys
+    rows = aggregate(jobs, by=by, seed_key=args.seed_key, metrics=names)
+    print(f"{len(jobs)} jobs in {args.multirun_dir}\n")
+    print(sweep_markdown(rows, metrics=names, scale=args.scale, digits=args.digits), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,7 +5,8 @@
   that is not plain data, so every checkpoint loads with ``torch.load(weights_only=True)``.
 * :func:`resolve_ckpt_path` turns ``ckpt_path=last`` (or a run folder, or a file) into a file, and
   refuses loudly when there is nothing to resume instead of silently starting over.
-* :func:`resume_sampler` restores the sampler position at the index level after a mid-epoch resume.
+* mid-epoch resume is exact at the index level through the datamodules' own ``state_dict`` /
+  ``load_state_dict`` (saved in the checkpoint by Lightning), not here.
 * :func:`save_final_adapter` gathers ZeRO-3 partitioned tensors before :func:`llava_san.peft.save_adapter`
   (the known LLaVA failure: adapters saved under ZeRO-3 holding empty or initial values).
 * :func:`export_merged` folds adapters + SAN into a plain ``LlavaForConditionalGeneration`` folder.
@@ -119,48 +120,18 @@ def resolve_ckpt_path(ckpt_path: Optional[str], checkpoint_dir: str | os.PathLik
 
 
 # ----------------------------------------------------------------------------------------------
-# index-level mid-epoch resume
-# ----------------------------------------------------------------------------------------------
-def _find_skippable(loader: Any) -> Any:
-    seen = []
-    stack = [loader]
-    while stack:
-        obj = stack.pop(0)
-        if obj is None or any(obj is s for s in seen):
-            continue
-        seen.append(obj)
-        if hasattr(obj, "skip") and callable(obj.skip):
-            return obj
-        for attr in ("batch_sampler", "sampler", "dataset"):
-            stack.append(getattr(obj, attr, None))
-    return None
-
-
-def resume_sampler(trainer: Any, batches_done: int) -> None:
-    """Make the next pass over the training data start after its first ``batches_done`` micro-batches.
-
-    Looks for an object with ``skip(num_samples)`` on the train dataloader's batch sampler / sampler
-    (the resumable samplers of :mod:`llava_san.data` and :class:`llava_san.training.data.ResumableSampler`);
-    without one it warns that the resume is not exact.
-    """
-    loader = trainer.train_dataloader
-    loaders = loader if isinstance(loader, (list, tuple)) else [loader]
-    for dl in loaders:
-        target = _find_skippable(dl)
-        if target is None:
-            warnings.warn("mid-epoch resume: the train dataloader's sampler has no skip(n); the epoch restarts "
-                          "from its first sample (samples will be seen twice)", UserWarning, stacklevel=2)
-            continue
-        target.skip(batches_done * int(dl.batch_size or 1))
-
-
-# ----------------------------------------------------------------------------------------------
 # final adapter and merged export
 # ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def gathered(model: nn.Module) -> Iterator[None]:
-    """Gather every ZeRO-3 partitioned parameter of ``model`` for reading (no-op without ZeRO-3)."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+def gathered(model: nn.Module, trainable_only: bool = False) -> Iterator[None]:
+    """Gather the ZeRO-3 partitioned parameters of ``model`` for reading (no-op without ZeRO-3).
+
+    A collective: every rank must enter it. ``trainable_only`` gathers only the parameters that require
+    grad (adapters, projector), not the frozen base, which is all an adapter needs (7B: a few hundred MB
+    instead of the whole 14 GB model materialised on every rank).
+    """
+    params = [p for p in model.parameters()
+              if hasattr(p, "ds_id") and (p.requires_grad or not trainable_only)]
     if not params:
         yield
         return
@@ -173,17 +144,21 @@ def gathered(model: nn.Module) -> Iterator[None]:
 def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global_zero: bool = True) -> Optional[Path]:
     """Save the trained adapter of ``model`` in :func:`llava_san.peft.save_adapter` format.
 
-    Call on every rank (γ̄ is averaged across ranks and ZeRO-3 parameters are gathered collectively);
-    only rank 0 writes. A model without adapter (``peft=none``) saves its trained tensors (the projector)
-    as ``extra_trainable.safetensors``.
+    Call on every rank, after training: γ̄ is averaged across the data-parallel ranks first
+    (``SAN_SPEC`` §4; :func:`llava_san.peft.sync_gamma_ema` is a no-op on one process), then the trained
+    parameters are gathered (ZeRO-3 partitions them; a collective) and rank 0 writes. Saving the
+    partitioned placeholders instead is LLaVA's known ZeRO-3 failure (empty tensors in the adapter);
+    ``save_adapter`` refuses such a tensor. A model without adapter (``peft=none``) saves its trained
+    tensors (the projector) as ``extra_trainable.safetensors``.
     """
     from peft import PeftModel
     from safetensors.torch import save_file
 
     from .peft import save_adapter, sync_gamma_ema
 
-    sync_gamma_ema(model)
-    with gathered(model):
+    sync_gamma_ema(model)  # every rank, before anything is written: all ranks then hold the mean γ̄
+    # only trainable tensors are saved (γ̄ are buffers, never partitioned); the frozen base is not gathered
+    with gathered(model, trainable_only=True):
         if not is_global_zero:
             return None
         if isinstance(model, PeftModel):

@@ -40,6 +40,8 @@ from .peft import (
     set_projector_trainable,
 )
 from .peft.adapter_io import _fingerprint
+from .training.loss import causal_lm_loss
+from .training.processors import check_same_processor
 from .training.optim import OptimConfig, build_optimizer, cosine_with_warmup
 
 #: Collator keys that go into the model's forward (others, e.g. ids for evaluation, are ignored).
@@ -59,6 +61,8 @@ class LlavaSanModule(L.LightningModule):
         train_projector: train LLaVA's multimodal projector (LLaVA recipe: yes).
         gradient_checkpointing: non-reentrant activation checkpointing of the language model.
         log_gamma_every_n_steps: log SAN γ statistics every this many optimiser steps (0: never).
+        data_processor: the processor the datamodule prepares batches with (built before the model);
+            :meth:`configure_model` checks it fits the built model's processor before any step.
     """
 
     def __init__(
@@ -70,10 +74,12 @@ class LlavaSanModule(L.LightningModule):
         train_projector: bool = True,
         gradient_checkpointing: bool = False,
         log_gamma_every_n_steps: int = 50,
+        data_processor: Any = None,
     ) -> None:
         super().__init__()
         if san_config is not None and lora_config is None:
-            raise ValueError("a SAN config needs a LoRA/DoRA adapter (peft.lora_config), got lora_config=None")
+            raise ValueError("a SAN config needs a LoRA/DoRA adapter (peft.lora_config), "
+                             "got lora_config=None")
         self.model_factory = model_factory
         self.lora_config = lora_config
         self.san_config = san_config
@@ -81,9 +87,11 @@ class LlavaSanModule(L.LightningModule):
         self.train_projector = train_projector
         self.gradient_checkpointing = gradient_checkpointing
         self.log_gamma_every_n_steps = int(log_gamma_every_n_steps)
+        self.data_processor = data_processor
         self.model: Optional[torch.nn.Module] = None
         self.processor = None
-        self.strict_loading = False  # checkpoints hold the trained tensors only; checked in on_load_checkpoint
+        # checkpoints hold the trained tensors only; checked in on_load_checkpoint
+        self.strict_loading = False
         self._t_batch: Optional[float] = None
         self._batches_in_epoch = 0
 
@@ -91,10 +99,13 @@ class LlavaSanModule(L.LightningModule):
     # model
     # ------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        """Build the model (once): freeze it, apply LoRA/DoRA (+ SAN), unfreeze the projector."""
         if self.model is not None:
             return
         built = self.model_factory()
         model, processor = built if isinstance(built, tuple) else (built, None)
+        if self.data_processor is not None and processor is not None:
+            check_same_processor(self.data_processor, processor)
         model.requires_grad_(False)  # vision tower, LM, embeddings, lm_head: frozen
         if self.lora_config is not None:
             model = get_san_model(model, self.lora_config, self.san_config)
@@ -111,6 +122,7 @@ class LlavaSanModule(L.LightningModule):
         self.processor = processor
 
     def forward(self, **batch: Any) -> Any:
+        """The wrapped model's forward on the model inputs of ``batch`` (other collator keys dropped)."""
         return self.model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
 
     def trained_keys(self) -> list[str]:
@@ -138,18 +150,22 @@ class LlavaSanModule(L.LightningModule):
         if self._t_batch is None:
             self._t_batch = time.perf_counter()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
+        """LM loss over the answer tokens (:func:`~llava_san.training.loss.causal_lm_loss`) + SAN's
+        regulariser; ``None`` (no optimiser step) for a batch whose samples were all skipped as bad."""
+        if batch["input_ids"].numel() == 0:
+            return None
         log_gamma = self._gamma_step()
         if log_gamma:
             set_gamma_logging(self.model, True)
-        out = self(**batch)
-        loss = out.loss
+        lm_loss = causal_lm_loss(self.model, batch)
+        loss = lm_loss
         bs = batch["input_ids"].shape[0]
         reg = san_regularization(self.model)
         if reg.requires_grad or float(reg) != 0.0:
             loss = loss + reg.to(loss.device, loss.dtype)
             self.log("train/san_reg", reg.detach(), batch_size=bs)
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/loss", lm_loss.detach(), prog_bar=True, batch_size=bs)
         if log_gamma:
             set_gamma_logging(self.model, False)
             stats = san_gamma_stats(self.model)
@@ -161,7 +177,7 @@ class LlavaSanModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         now = time.perf_counter()
         dt, self._t_batch = now - (self._t_batch or now), now
-        if dt <= 0:
+        if dt <= 0 or batch["input_ids"].numel() == 0:
             return
         bs = batch["input_ids"].shape[0]
         tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
@@ -185,7 +201,8 @@ class LlavaSanModule(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         if not isinstance(total, int) or total <= 0:
             total = self.trainer.max_steps if self.trainer.max_steps > 0 else 1
-        scheduler = cosine_with_warmup(optimizer, int(total), self.optim.warmup_ratio, self.optim.min_lr_ratio)
+        scheduler = cosine_with_warmup(optimizer, int(total), self.optim.warmup_ratio,
+                                       self.optim.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------
@@ -212,7 +229,8 @@ class LlavaSanModule(L.LightningModule):
         mine = self.fingerprint()
         if meta["fingerprint"] != mine:
             raise CheckpointMismatchError(
-                f"checkpoint is from another model/adapter: it has {meta['fingerprint']}, this run builds {mine}")
+                f"checkpoint is from another model/adapter: it has {meta['fingerprint']}, "
+                f"this run builds {mine}")
         expected = set(self.trained_keys())
         theirs = set(meta["trained_keys"])
         if theirs != expected:
@@ -227,6 +245,7 @@ class LlavaSanModule(L.LightningModule):
             for k, v in sd.items():
                 if k in own and tuple(own[k].shape) != tuple(v.shape) and own[k].numel() > 0:
                     raise CheckpointMismatchError(
-                        f"checkpoint tensor {k} has shape {tuple(v.shape)}, this model has {tuple(own[k].shape)}")
+                        f"checkpoint tensor {k} has shape {tuple(v.shape)}, "
+                        f"this model has {tuple(own[k].shape)}")
         # the data position is restored by the datamodule's own state_dict (Lightning saves and restores it)
         self._batches_in_epoch = int(meta.get("batches_in_epoch", 0))

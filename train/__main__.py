@@ -1,4 +1,8 @@
-"""``python -m train [overrides]``; see conf/train.yaml. Multirun: ``python -m train -m peft=lora,san_lora seed=0,1``."""
+"""``python -m train [overrides]``; see conf/train.yaml.
+
+Multirun: ``python -m train -m peft=lora,san_lora seed=0,1`` (one folder and ``metrics.json`` per job under
+``multirun/<task>/<time>/<job>``); the table: ``python -m evaluation.sweep multirun/<task>/<time>``.
+"""
 import hydra
 from omegaconf import DictConfig
 

@@ -1,23 +1,27 @@
 """``run(cfg) -> metrics``: one training run from a composed config (tests call it directly).
 
-Writes to ``cfg.paths.output_dir``: ``config.yaml`` (resolved), logs (``csv/`` by default),
-``checkpoints/`` (atomic ``last.ckpt``), ``adapter/`` (``save_adapter`` format), ``metrics.json`` and,
-with ``export=true``, ``merged/`` (plain transformers checkpoint).
+Writes to ``cfg.paths.output_dir``: ``config.yaml`` (resolved), logs (``csv/version_N/`` by default;
+``logger=tensorboard|wandb|many``), ``checkpoints/`` (atomic ``last.ckpt``), ``adapter/``
+(``save_adapter`` format), ``metrics.json`` and, with ``export=true``, ``merged/`` (plain transformers
+checkpoint). ``metrics.json`` (also logged to every logger at the last step): ``train/loss_first``,
+``train/loss_last``, ``train/global_step``, ``time/train_s`` (wall), ``time/train_cpu_s`` (CPU of this
+process and its dataloader workers) and, with ``evaluate``, the easy-vqa metrics
+(:mod:`llava_san.training.easyvqa_eval`), whose table is the last thing printed.
 """
 from __future__ import annotations
 
 import logging
-import os
+import resource
 import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from llava_san.checkpoint import AtomicCheckpointIO, export_merged, resolve_ckpt_path, save_final_adapter
 from llava_san.training import MetricsRecorder, write_metrics
-from llava_san.training.processors import check_same_processor
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,25 @@ def _instantiate_all(node) -> list:
     if not node:
         return []
     return [instantiate(v) for v in node.values() if v is not None and "_target_" in v]
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children (dataloader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _log_summary(loggers: list, metrics: dict, step: int) -> None:
+    """Log the run's final metrics (loss, time, easy-vqa accuracy) to every logger, flush, and close W&B
+    runs (a later job of a multirun in the same process must start its own run)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    for lg in loggers:
+        lg.log_metrics(numbers, step=step)
+        lg.finalize("success")
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()
 
 
 def run(cfg: DictConfig) -> dict:
@@ -42,34 +65,43 @@ def run(cfg: DictConfig) -> dict:
     san_config = instantiate(cfg.peft.san) if cfg.peft.get("san") else None
     module = instantiate(cfg.module)(
         model_factory=instantiate(cfg.model.build), lora_config=lora_config, san_config=san_config,
-        optim=instantiate(cfg.optim))
+        optim=instantiate(cfg.optim), data_processor=processor)
 
     recorder = MetricsRecorder()
     callbacks = _instantiate_all(cfg.get("callbacks")) + [recorder]
     loggers = _instantiate_all(cfg.get("logger"))
     strategy = instantiate(cfg.strategy)
+    extra = {}
+    if "enable_checkpointing" not in cfg.trainer:  # callbacks=none: no checkpoints (not Lightning's default)
+        extra["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: L.Trainer = instantiate(cfg.trainer, strategy=strategy, callbacks=callbacks,
-                                     logger=loggers or False, plugins=[AtomicCheckpointIO()])
+                                     logger=loggers or False, plugins=[AtomicCheckpointIO()], **extra)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics: dict = {"time/train_s": time.perf_counter() - t0, "train/global_step": trainer.global_step}
+    metrics: dict = {"time/train_s": time.perf_counter() - t0, "time/train_cpu_s": _cpu_seconds() - cpu0,
+                     "train/global_step": trainer.global_step}
     metrics.update(recorder.metrics())
-    check_same_processor(processor, module.processor)
 
     save_final_adapter(module.model, cfg.paths.adapter_dir, trainer.is_global_zero)
+    report = None
     if cfg.get("evaluate") and trainer.is_global_zero:
         if trainer.world_size > 1:
-            log.warning("evaluate: skipped under %d processes (evaluate the saved adapter instead)", trainer.world_size)
+            log.warning("evaluate: skipped under %d processes (evaluate the saved adapter instead)",
+                        trainer.world_size)
         else:
-            evaluator = instantiate(cfg.evaluate)
             from llava_san.training.easyvqa_eval import format_report
 
-            metrics.update(evaluator(module.model, module.processor or processor))
-            print(format_report(metrics), flush=True)
+            metrics.update(instantiate(cfg.evaluate)(module.model, module.processor or processor))
+            report = format_report(metrics)
+    if trainer.is_global_zero:
+        _log_summary(trainer.loggers, metrics, trainer.global_step)
     if cfg.get("export") and trainer.is_global_zero:
         export_merged(module.model, module.processor or processor, cfg.paths.merged_dir)
     if trainer.is_global_zero:
         write_metrics(out / "metrics.json", metrics)
-        print(f"metrics: {out / 'metrics.json'}  adapter: {cfg.paths.adapter_dir}", flush=True)
+        print(f"\nrun folder: {out} (metrics.json, adapter/); {trainer.global_step} steps in "
+              f"{metrics['time/train_s']:.0f} s", flush=True)
+        if report:
+            print(report, flush=True)
     return metrics

@@ -50,6 +50,12 @@ def _fingerprint(model: nn.Module) -> dict[str, Any]:
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
+    # A ZeRO-3 parameter that was not gathered is an empty placeholder (numel 0; state_dict() copies lose
+    # its ds_numel): saving it is LLaVA's known ZeRO-3 failure (an adapter of empty tensors). Refuse it.
+    if t.numel() == 0 or (hasattr(t, "ds_numel") and t.numel() != t.ds_numel):
+        raise ValueError(
+            "save_adapter got a ZeRO-3 partitioned tensor (not gathered); save with "
+            "llava_san.checkpoint.save_final_adapter on every rank, which gathers the trained tensors")
     return t.detach().to("cpu").contiguous()
 
 
@@ -64,7 +70,9 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike) -> Path:
     base = base_transformers_model(model)
     state = get_san_state(model)
     extra = {n: _cpu(p) for n, p in base.named_parameters() if p.requires_grad and not is_adapter_param(n)}
-    adapted = {n: list(base.get_submodule(n).get_base_layer().weight.shape) for n in adapted_module_names(model)}
+    # ds_shape: under ZeRO-3 the frozen base weight is a [0] placeholder (it is not gathered for saving)
+    adapted = {n: list(getattr(w, "ds_shape", w.shape)) for n, w in
+               ((n, base.get_submodule(n).get_base_layer().weight) for n in adapted_module_names(model))}
     manifest = {
         "format": "llava-san-adapter",
         "version": 1,

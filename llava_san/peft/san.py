@@ -424,7 +424,12 @@ def _mask_for(slot: _SanSlot, h: torch.Tensor) -> Optional[torch.Tensor]:
 @contextlib.contextmanager
 def _gathered(*params: torch.Tensor) -> Iterator[None]:
     """Gather ZeRO-3 partitioned parameters for a read (no-op for ordinary tensors)."""
-    zero = [p for p in params if hasattr(p, "ds_id")]
+    # Only parameters that are partitioned right now. In a DeepSpeed forward ZeRO-3 gathers W itself: a
+    # parameter read outside its owner's forward is registered as an "external parameter" of the running
+    # (SAN) layer, and from the next step on that layer's pre-forward hook fetches it. Wrapping it in
+    # GatheredParameters then re-partitions it on exit while the hook still holds it: "Cannot free a
+    # ZeRO-3 parameter while it is still active" at the 2nd ZeRO-3 step of SAN-DoRA.
+    zero = [p for p in params if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
     if not zero:
         yield
         return

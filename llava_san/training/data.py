@@ -66,7 +66,8 @@ class SyntheticLlavaDataset(Dataset):
         labels = torch.full_like(ids, -100)
         labels[-self.answer_len:] = ids[-self.answer_len:]
         pixels = torch.randn(3, self.image_size, self.image_size, generator=g)
-        return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+        return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+                "pixel_values": pixels}
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -77,12 +78,14 @@ class SyntheticDataModule(L.LightningDataModule):
     """Fixed-shape random LLaVA batches (see :class:`SyntheticLlavaDataset`)."""
 
     def __init__(self, processor: Any = None, num_samples: int = 64, seq_len: int = 16, answer_len: int = 4,
-                 batch_size: int = 4, seed: int = 0, shuffle: bool = True, num_workers: int = 0) -> None:
+                 batch_size: int = 4, seed: int = 0, shuffle: bool = True, num_workers: int = 0,
+                 persistent_workers: bool = False) -> None:
         super().__init__()
         if processor is None:
             raise ValueError("SyntheticDataModule needs the model's processor (processor=...)")
         self.processor = processor
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.persistent_workers = bool(persistent_workers) and num_workers > 0
         ip = processor.image_processor
         size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else ip.size["shortest_edge"]
         n_img = (size // processor.patch_size) ** 2 + processor.num_additional_image_tokens - 1
@@ -103,4 +106,5 @@ class SyntheticDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=_collate,
-                          num_workers=self.num_workers, drop_last=True)
+                          num_workers=self.num_workers, persistent_workers=self.persistent_workers,
+                          drop_last=True)

@@ -1,131 +1,157 @@
-"""easy-vqa evaluation at the end of ``python -m train``: greedy answers, accuracy, and two baselines.
+"""easy-vqa test accuracy at the end of ``python -m train``, next to two image-blind baselines.
 
-* accuracy: the first word of the greedy answer (``max_new_tokens`` tokens, batched, left padding)
-  equals the ground truth; overall and per question type (``shape``, ``color``, ``yes/no``, read off
-  the answer vocabulary).
-* majority baseline: always the most frequent training answer (~0.37 on the test set).
-* blind baseline: for each question text, the most frequent training answer to that same text; it
-  needs no image (~0.67). A model must beat it clearly to show it uses the image.
+The questions are the test file that the data pipeline writes (:func:`llava_san.data.easyvqa.prepare_easyvqa`:
+``test_questions.jsonl`` + ``test_answers.json``), asked exactly as the training data asks them:
 
-Metrics (fractions): ``test/easyvqa_accuracy``, ``test/easyvqa_<type>_accuracy``,
-``test/easyvqa_blind_baseline``, ``test/easyvqa_majority_baseline``, ``test/easyvqa_n``.
+* message ``"<image>\\n" + text`` (LLaVA's ``model_vqa``; ``text`` = question + the short-answer
+  prompt, so the message is the human turn of the training records verbatim);
+* rendered by the same conversation template (``get_template(template).render_prompt``), tokenized by
+  the training tokenizer code and image-processed by the training image code
+  (:class:`llava_san.generation.PromptEncoder`, same ``tokenization`` and ``image_aspect_ratio`` as
+  ``conf/data``): the prompt ids are the training sample's ids up to its answer;
+* answered greedily in batches with left padding (:func:`llava_san.generation.generate`);
+* scored by the project's easy-vqa scorer (:func:`evaluation.benchmarks.easyvqa.score`: normalised
+  exact match), overall and per question type (``colour``, ``shape``, ``yes-no``).
+
+Baselines, scored the same way on the same questions: *majority* (always the most frequent training
+answer, ~0.37) and *blind* (per question text, its most frequent training answer, ~0.67 -- it needs
+no image). A model that uses the image must beat the blind baseline clearly.
+
+Metrics (fractions): ``test/easyvqa_accuracy``, ``test/easyvqa_blind_baseline``,
+``test/easyvqa_majority_baseline``, per type ``test/easyvqa_<type>_{accuracy,blind_baseline,
+majority_baseline}`` (type ``colour``, ``shape``, ``yes_no``), ``test/easyvqa_n``, ``time/eval_s``.
 """
 from __future__ import annotations
 
-import collections
-import re
+import json
+import os
 import time
 from typing import Any, Optional
 
 import torch
-from PIL import Image
 
-SHAPES = ("circle", "rectangle", "triangle")
-SHORT_ANSWER = "Answer the question using a single word or phrase."
+TYPES = ("colour", "shape", "yes-no")
 
 
-def question_type(answer: str) -> str:
-    if answer in ("yes", "no"):
-        return "yes/no"
-    return "shape" if answer in SHAPES else "color"
+def _key(question_type: str) -> str:
+    return question_type.replace("-", "_")
 
 
-def baselines(limit: Optional[int] = None) -> tuple[dict[str, float], list[str], list[str]]:
-    """(baseline metrics, majority-predictions, blind-predictions) on the first ``limit`` test questions."""
-    from easy_vqa import get_test_questions, get_train_questions
+def _scores(predictions: dict[str, str], truth: dict[str, dict]) -> tuple[float, dict[str, float]]:
+    """(accuracy, accuracy per question type) of ``{question_id: text}`` with the project's scorer."""
+    from evaluation.benchmarks.easyvqa import score
 
-    tq, ta, _ = get_train_questions()
-    q, a, _ = get_test_questions()
-    if limit:
-        q, a = q[:limit], a[:limit]
-    majority = collections.Counter(ta).most_common(1)[0][0]
-    per_q: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for qq, aa in zip(tq, ta):
-        per_q[qq][aa] += 1
-    blind = [per_q[qq].most_common(1)[0][0] if qq in per_q else majority for qq in q]
-    maj = [majority] * len(q)
-    m = {
-        "test/easyvqa_majority_baseline": sum(p == t for p, t in zip(maj, a)) / len(a),
-        "test/easyvqa_blind_baseline": sum(p == t for p, t in zip(blind, a)) / len(a),
-    }
-    return m, maj, blind
+    answers = [{"question_id": qid, "text": text} for qid, text in predictions.items()]
+    out = score(answers, {qid: truth[qid] for qid in predictions})
+    return out["accuracy"], out["per_question_type"]
 
 
-def first_word(text: str) -> str:
-    words = re.findall(r"[a-z]+", text.lower())
-    return words[0] if words else ""
+def blind_predictions(questions: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(majority, blind) predictions ``{question_id: answer}`` for test ``{question_id: question text}``,
+    from the easy-vqa training answers (:mod:`llava_san.data.easyvqa` helpers; ties: alphabetical)."""
+    from easy_vqa import get_train_questions
+
+    from ..data.easyvqa import majority_answer, per_question_answers
+
+    train_q, train_a, _ = get_train_questions()
+    majority = majority_answer(train_a)
+    per_question = per_question_answers(train_q, train_a)
+    return ({qid: majority for qid in questions},
+            {qid: per_question.get(q, majority) for qid, q in questions.items()})
 
 
 class EasyVqaEvaluator:
     """Callable ``(model, processor) -> metrics``; see the module docstring.
 
     Args:
-        template: conversation template of :mod:`llava_san.conversation` (as the training data used).
-        question_format: the human turn; ``{question}`` is replaced (LLaVA's short-answer prompt).
-        batch_size: questions per generate call.
-        max_new_tokens: greedy tokens per answer (answers are one word).
-        limit: evaluate the first ``limit`` test questions only (``None``: all 9,673).
+        cache_dir: the easy-vqa cache of the data pipeline (``conf/data/easyvqa.yaml: cache_dir``); the
+            files are written there if missing.
+        template: conversation template of the training data.
+        tokenization: ``llava`` | ``processor``, as the training data (``data.tokenization``).
+        image_aspect_ratio: ``pad`` | ``crop``, as the training data.
+        batch_size: questions per batched greedy generation.
+        max_new_tokens: greedy tokens per answer (answers are one word, then ``</s>``).
+        limit: the first ``limit`` test questions in file order (``None``: all 9,673).
     """
 
-    def __init__(self, template: str = "vicuna_v1", question_format: str = "<image>\n{question}\n" + SHORT_ANSWER,
-                 batch_size: int = 256, max_new_tokens: int = 3, limit: Optional[int] = None) -> None:
-        self.template, self.question_format = template, question_format
-        self.batch_size, self.max_new_tokens, self.limit = int(batch_size), int(max_new_tokens), limit
+    def __init__(self, cache_dir: str = ".cache/easyvqa", template: str = "vicuna_v1",
+                 tokenization: str = "llava", image_aspect_ratio: str = "pad", batch_size: int = 128,
+                 max_new_tokens: int = 4, limit: Optional[int] = None) -> None:
+        if int(batch_size) < 1 or int(max_new_tokens) < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, "
+                             f"{max_new_tokens}")
+        if limit is not None and int(limit) < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {limit}")
+        self.cache_dir, self.template, self.tokenization = cache_dir, template, tokenization
+        self.image_aspect_ratio = image_aspect_ratio
+        self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
+        self.limit = None if limit is None else int(limit)
 
-    def prompt(self, question: str) -> str:
-        from llava_san.conversation import get_template
+    def questions(self) -> tuple[list[dict], dict[str, dict], str]:
+        """(question rows, ground truth by question id, image folder) of the evaluated test questions."""
+        from ..data.easyvqa import prepare_easyvqa
 
-        return get_template(self.template).render_prompt(self.question_format.format(question=question))
+        paths = prepare_easyvqa(self.cache_dir)
+        with open(paths.test_questions, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        with open(paths.test_answers, encoding="utf-8") as f:
+            truth = json.load(f)
+        return (rows[: self.limit] if self.limit else rows), truth, paths.image_folder
 
-    @torch.no_grad()
-    def predict(self, model: Any, processor: Any, questions: list[str], images: list[str]) -> list[str]:
-        tok = processor.tokenizer
-        old_side = tok.padding_side
-        tok.padding_side = "left"
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        answers: list[str] = []
-        try:
-            for i in range(0, len(questions), self.batch_size):
-                qs, ims = questions[i:i + self.batch_size], images[i:i + self.batch_size]
-                pil = [Image.open(p).convert("RGB") for p in ims]
-                inputs = processor(images=pil, text=[self.prompt(q) for q in qs], padding=True, return_tensors="pt")
-                inputs = {k: v.to(device) for k, v in inputs.items()}
-                out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
-                new = out[:, inputs["input_ids"].shape[1]:]
-                answers += [first_word(t) for t in tok.batch_decode(new, skip_special_tokens=True)]
-        finally:
-            tok.padding_side = old_side
-            model.train(was_training)
-        return answers
+    @staticmethod
+    def message(row: dict) -> str:
+        """The human turn of a test question: ``"<image>\\n" + text`` (LLaVA's ``model_vqa``)."""
+        from ..conversation import IMAGE_PLACEHOLDER
+
+        return IMAGE_PLACEHOLDER + "\n" + row["text"]
+
+    def inputs(self, processor: Any, rows: list[dict], image_folder: str) -> list:
+        """:class:`~llava_san.generation.GenerationInput` per row (text and images encoded once each)."""
+        from ..data.images import load_image
+        from ..generation import GenerationInput, PromptEncoder
+
+        encoder = PromptEncoder(processor, self.template, self.tokenization, self.image_aspect_ratio)
+        ids: dict[str, list[int]] = {}
+        pixels: dict[str, torch.Tensor] = {}
+        out = []
+        for row in rows:
+            msg = self.message(row)
+            if msg not in ids:
+                ids[msg] = encoder.encode_text(msg)
+            if row["image"] not in pixels:
+                image = load_image(os.path.join(image_folder, row["image"]))
+                pixels[row["image"]] = encoder.pixel_values(image)
+            out.append(GenerationInput(ids[msg], pixels[row["image"]], self.max_new_tokens))
+        return out
 
     def __call__(self, model: Any, processor: Any) -> dict[str, float]:
-        from easy_vqa import get_test_image_paths, get_test_questions
+        """Answer the test questions with ``model`` (restored to its mode afterwards) and score them."""
+        from ..generation import generate
 
         t0 = time.perf_counter()
-        q, a, ids = get_test_questions()
-        if self.limit:
-            q, a, ids = q[:self.limit], a[:self.limit], ids[:self.limit]
-        paths = get_test_image_paths()
-        preds = self.predict(model, processor, q, [paths[i] for i in ids])
-        metrics, _, _ = baselines(self.limit)
-        metrics["test/easyvqa_accuracy"] = sum(p == t for p, t in zip(preds, a)) / len(a)
-        by_type: dict[str, list[bool]] = collections.defaultdict(list)
-        for p, t in zip(preds, a):
-            by_type[question_type(t)].append(p == t)
-        for t, hits in sorted(by_type.items()):
-            metrics[f"test/easyvqa_{t.replace('/', '_')}_accuracy"] = sum(hits) / len(hits)
-        metrics["test/easyvqa_n"] = len(a)
+        rows, truth, image_folder = self.questions()
+        inputs = self.inputs(processor, rows, image_folder)
+        texts = generate(model, processor, inputs, batch_size=self.batch_size)
+        qids = [str(r["question_id"]) for r in rows]
+        acc, by_type = _scores(dict(zip(qids, texts)), truth)
+        majority, blind = blind_predictions({q: truth[q]["question"] for q in qids})
+        metrics: dict[str, float] = {"test/easyvqa_accuracy": acc, "test/easyvqa_n": len(rows)}
+        for name, preds in (("majority_baseline", majority), ("blind_baseline", blind)):
+            b_acc, b_types = _scores(preds, truth)
+            metrics[f"test/easyvqa_{name}"] = b_acc
+            metrics.update({f"test/easyvqa_{_key(t)}_{name}": v for t, v in b_types.items()})
+        metrics.update({f"test/easyvqa_{_key(t)}_accuracy": v for t, v in by_type.items()})
         metrics["time/eval_s"] = time.perf_counter() - t0
         return metrics
 
 
-def format_report(metrics: dict[str, float]) -> str:
-    """A short human-readable table of the easy-vqa metrics."""
-    rows = [(k.removeprefix("test/easyvqa_"), v) for k, v in sorted(metrics.items())
-            if k.startswith("test/easyvqa_") and k != "test/easyvqa_n"]
+def format_report(metrics: dict[str, Any]) -> str:
+    """The easy-vqa table: model accuracy next to the blind and majority baselines, overall and per type."""
     n = metrics.get("test/easyvqa_n")
-    lines = [f"easy-vqa test ({n} questions):"] + [f"  {k:<24} {v:.4f}" for k, v in rows]
+    lines = [f"easy-vqa test accuracy ({n} questions)", f"  {'':<10}{'model':>8}{'blind':>8}{'majority':>10}"]
+    for label, key in [("overall", "test/easyvqa")] + [(t, f"test/easyvqa_{_key(t)}") for t in TYPES]:
+        if f"{key}_accuracy" not in metrics:
+            continue
+        lines.append(f"  {label:<10}{metrics[f'{key}_accuracy']:>8.4f}"
+                     f"{metrics[f'{key}_blind_baseline']:>8.4f}{metrics[f'{key}_majority_baseline']:>10.4f}")
     return "\n".join(lines)

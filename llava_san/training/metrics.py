@@ -41,7 +41,7 @@ class MetricsRecorder(L.Callback):
         self.loss_last: float | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if loss is None:
             return
         value = float(loss.detach())

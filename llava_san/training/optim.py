@@ -74,10 +74,13 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: Op
     return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
 
 
-def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]],
+                    cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (``adapter`` / ``projector`` / ``other`` learning rates)."""
     groups = param_groups(named_params, cfg)
     if not groups:
-        raise ValueError("nothing to train: no parameter requires grad (peft=none with model.train_projector=false?)")
+        raise ValueError("nothing to train: no parameter requires grad "
+                         "(peft=none with model.train_projector=false?)")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 

@@ -132,4 +132,20 @@ def test_default_config():
         pytest.skip("conf/data/easyvqa.yaml not there yet")
     cfg = _compose()
     assert cfg.model.build._target_.endswith("build_tiny") and cfg.peft.lora_config.use_dora and cfg.peft.san
-    assert cfg.trainer.max_steps > 0 and cfg.evaluate is not None
+    assert cfg.trainer.max_epochs is None and cfg.trainer.max_steps == 4000  # a fixed step count
+    assert cfg.data.batch_size == 32 and cfg.evaluate.limit is None  # all 9,673 test questions
+    # the evaluation asks questions as the training data is prepared
+    assert (cfg.evaluate.template, cfg.evaluate.tokenization, cfg.evaluate.image_aspect_ratio) == (
+        cfg.data.template, cfg.data.tokenization, cfg.data.image_aspect_ratio)
+    assert cfg.evaluate.cache_dir == cfg.data.cache_dir
+    assert _compose("trainer=gpu").trainer.precision == "bf16-mixed"
+
+
+def test_model_processor_targets_are_the_builders():
+    """One piece of code per processor: the model configs' processors are the builder's functions."""
+    for name, target in (("llava7b", "build_parts_processor"), ("llava13b", "build_parts_processor"),
+                         ("llava7b_hf", "load_llava_hf_processor")):
+        cfg = _compose(f"model={name}", "data=synthetic")
+        assert cfg.model.processor._target_ == f"llava_san.models.{target}"
+        build_keys = set(cfg.model.build) - {"_target_", "_partial_"}
+        assert set(cfg.model.processor) - {"_target_"} <= build_keys  # every processor argument comes from build

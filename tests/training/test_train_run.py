@@ -14,7 +14,8 @@ from llava_san.checkpoint import CheckpointMismatchError, NothingToResumeError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
-FAST = ["data=synthetic", "trainer.accelerator=cpu", "evaluate=null", "callbacks.progress_bar.refresh_rate=0"]
+FAST = ["data=synthetic", "data.num_workers=0", "trainer.accelerator=cpu", "evaluate=null",
+        "callbacks.progress_bar.refresh_rate=0"]
 
 
 def _cfg(out, *overrides):
@@ -51,7 +52,7 @@ def test_short_run_checkpoint_metrics_export(tmp_path):
     keys = list(ckpt["state_dict"])
     assert keys and all("lora_" in k or "san_" in k or "multi_modal_projector" in k for k in keys)
     assert "optimizer_states" in ckpt
-    log = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    log = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     for name in ("train/loss", "train/lr", "train/samples_per_s", "train/tokens_per_s", "san/q_proj/mean"):
         assert name in log
     merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged")

@@ -1,0 +1,211 @@
+"""Training-step throughput and peak memory of LLaVA + each peft option, through ``LlavaSanModule``.
+
+Prints one JSON object. For each model (``tiny``: the default run's tiny LLaVA; ``100m``: a LLaMA-shaped
+~100M-parameter language model, 12 x 768, behind a small CLIP tower) and each arm (``none``: projector
+only, ``lora``, ``dora``, ``san_lora``, ``san_dora``), one step is ``LlavaSanModule.training_step``
+(the loss of the training system, SAN regulariser included) + ``backward`` + AdamW ``step`` on the
+module's own parameter groups (:func:`llava_san.training.optim.build_optimizer`), on fixed random
+LLaVA batches (image tokens + text, loss on the last ``--answer`` tokens).
+
+* **speed**: the arms of a model are built side by side and stepped interleaved (one step each, order
+  alternating), ``--repeats`` times after ``--warmup``; per arm the median wall and process-CPU time
+  of a step -> ``samples_per_s`` (wall) and ``samples_per_cpu_s``. Machine noise hits every arm alike:
+  read the ratios (``san_lora/lora``, ``san_dora/dora``, ``dora/lora``, ``none/lora``; > 1 = faster).
+* **memory**: per arm in a fresh subprocess (``--child``): ``ru_maxrss`` growth over the resident
+  model while training ``--mem-steps`` steps (activations, gradients, optimizer state) and the peak
+  ``ru_maxrss``; ratios ``arm/base`` (> 1 = more memory).
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/train_step.py [--models tiny 100m] [--repeats 15]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp's active wait adds ~4 ms per parallel op here
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ARMS = ("none", "lora", "dora", "san_lora", "san_dora")
+RATIOS = (("san_lora", "lora"), ("san_dora", "dora"), ("dora", "lora"), ("none", "lora"))
+#: build_tiny keywords of each model, and its batch / text length / LoRA rank.
+MODELS = {
+    "tiny": {"spec": {}, "batch": 32, "text": 55, "rank": 16},
+    "100m": {"spec": {"image_size": 64, "patch_size": 16, "vision_hidden": 128, "vision_layers": 2,
+                      "vision_heads": 4, "text_hidden": 768, "text_layers": 12, "text_heads": 12,
+                      "text_kv_heads": 12, "text_intermediate": 2048, "vocab_size": 1024},
+             "batch": 4, "text": 112, "rank": 64},
+}
+
+
+def build_module(model: str, arm: str):
+    """A configured ``LlavaSanModule`` (model built, adapters applied) with a barebones trainer attached."""
+    import lightning as L
+    from peft import LoraConfig
+
+    from llava_san.models import build_tiny
+    from llava_san.module import LlavaSanModule
+    from llava_san.peft import SanConfig
+    from llava_san.training import OptimConfig
+
+    m = MODELS[model]
+    lora = None if arm == "none" else LoraConfig(
+        r=m["rank"], lora_alpha=2 * m["rank"], lora_dropout=0.0, use_dora=arm.endswith("dora"),
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    module = LlavaSanModule(lambda: build_tiny(seed=0, **m["spec"]), lora_config=lora,
+                            san_config=SanConfig() if arm.startswith("san_") else None,
+                            optim=OptimConfig(lr=1e-4, projector_lr=2e-5), train_projector=True)
+    module.configure_model()
+    # barebones: self.log() is a no-op, the step code is the training code
+    module.trainer = L.Trainer(barebones=True, accelerator="cpu", devices=1, logger=False)
+    from llava_san.training.optim import build_optimizer
+
+    return module, build_optimizer(module.named_parameters(), module.optim)
+
+
+def make_batch(module, model: str, seed: int) -> dict:
+    """Random LLaVA batch: ``<s>``, the image tokens, text; loss on the last 4 tokens. ``(B, T)``."""
+    from llava_san.peft.adapters import base_transformers_model
+
+    m, cfg = MODELS[model], base_transformers_model(module.model).config
+    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    g = torch.Generator().manual_seed(seed)
+    b = m["batch"]
+    high = min(cfg.image_token_id, cfg.pad_token_id if cfg.pad_token_id is not None else cfg.image_token_id)
+    text = torch.randint(3, high, (b, m["text"]), generator=g)  # ordinary tokens (no <image>, no <pad>)
+    ids = torch.cat([torch.ones(b, 1, dtype=torch.long), torch.full((b, n_img), cfg.image_token_id), text], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -4:] = ids[:, -4:]
+    size = cfg.vision_config.image_size
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "pixel_values": torch.randn(b, 3, size, size, generator=g)}
+
+
+def step(module, opt, batch, i: int) -> tuple[float, float]:
+    """training_step + backward + optimizer step; (wall s, process CPU s)."""
+    t, c = time.perf_counter(), time.process_time()
+    loss = module.training_step(batch, i)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS high-water mark (Linux ``clear_refs`` 5); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def child_memory(model: str, arm: str, steps: int) -> dict:
+    """In a fresh process: peak RSS growth (MB) over the built model during ``steps`` training steps.
+
+    The high-water mark is reset after the build (build and import transients do not count), so
+    ``ru_maxrss - resident`` is what training adds: activations, gradients, optimizer state.
+    """
+    import gc
+
+    import psutil
+
+    module, opt = build_module(model, arm)
+    batch = make_batch(module, model, 0)
+    gc.collect()
+    resident = psutil.Process().memory_info().rss / 2**20
+    reset = _reset_peak_rss()
+    for i in range(steps):
+        step(module, opt, batch, i)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {"train_rss_growth_mb": peak - resident, "peak_rss_mb": peak, "hwm_reset": reset}
+
+
+def bench_model(model: str, args) -> dict:
+    """Interleaved step timing of every arm of ``model``, then one memory subprocess per arm."""
+    modules = {arm: build_module(model, arm) for arm in args.arms}
+    first = modules[args.arms[0]][0]
+    n_params = sum(p.numel() for p in first.model.parameters() if not p.requires_grad) + sum(
+        p.numel() for n, p in first.model.named_parameters() if p.requires_grad and "lora_" not in n)
+    wall = {a: [] for a in args.arms}
+    cpu = {a: [] for a in args.arms}
+    batches = [make_batch(first, model, s) for s in range(2)]
+    for r in range(args.warmup + args.repeats):
+        order = list(args.arms) if r % 2 == 0 else list(reversed(args.arms))
+        for arm in order:
+            dt, dc = step(*modules[arm], batches[r % 2], r)
+            if r >= args.warmup:
+                wall[arm].append(dt)
+                cpu[arm].append(dc)
+    trainable = {a: sum(p.numel() for p in m.parameters() if p.requires_grad)
+                 for a, (m, _) in modules.items()}
+    del modules
+    b = MODELS[model]["batch"]
+    arms = {}
+    for arm in args.arms:
+        w, c = statistics.median(wall[arm]), statistics.median(cpu[arm])
+        arms[arm] = {"step_ms": 1e3 * w, "step_cpu_ms": 1e3 * c, "samples_per_s": b / w,
+                     "samples_per_cpu_s": b / c, "trainable_params": trainable[arm]}
+        out = subprocess.run([sys.executable, __file__, "--child", model, arm, "--mem-steps",
+                              str(args.mem_steps), "--threads", str(args.threads)],
+                             capture_output=True, text=True, check=True)
+        arms[arm].update(json.loads(out.stdout.strip().splitlines()[-1]))
+    ratios = {}
+    for a, base in RATIOS:
+        if a in arms and base in arms:
+            ratios[f"{a}/{base}"] = {
+                "speed": arms[a]["samples_per_s"] / arms[base]["samples_per_s"],
+                "cpu_speed": arms[a]["samples_per_cpu_s"] / arms[base]["samples_per_cpu_s"],
+                "memory_growth": arms[a]["train_rss_growth_mb"]
+                / max(arms[base]["train_rss_growth_mb"], 1e-9),
+                "peak_memory": arms[a]["peak_rss_mb"] / arms[base]["peak_rss_mb"],
+            }
+    m = MODELS[model]
+    return {"base_params": n_params, "batch": m["batch"], "seq_len": batches[0]["input_ids"].shape[1],
+            "lora_r": m["rank"], "arms": arms, "ratios": ratios}
+
+
+def main() -> None:
+    """Parse the options, run every model, print the JSON."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--mem-steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--child", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    if args.child:
+        print(json.dumps(child_memory(args.child[0], args.child[1], args.mem_steps)))
+        return
+    t0 = time.perf_counter()
+    result = {"config": {k: v for k, v in vars(args).items() if k != "child"},
+              "env": {"torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                      "cpus": os.cpu_count()},
+              "models": {}}
+    for model in args.models:
+        result["models"][model] = bench_model(model, args)
+    result["seconds"] = time.perf_counter() - t0
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
