@@ -1,11 +1,13 @@
 """Training-step throughput and peak memory of LLaVA + each peft option, through ``LlavaSanModule``.
 
-Prints one JSON object. For each model (``tiny``: the default run's tiny LLaVA; ``100m``: a LLaMA-shaped
-~100M-parameter language model, 12 x 768, behind a small CLIP tower) and each arm (``none``: projector
-only, ``lora``, ``dora``, ``san_lora``, ``san_dora``), one step is ``LlavaSanModule.training_step``
-(the loss of the training system, SAN regulariser included) + ``backward`` + AdamW ``step`` on the
-module's own parameter groups (:func:`llava_san.training.optim.build_optimizer`), on fixed random
-LLaVA batches (image tokens + text, loss on the last ``--answer`` tokens).
+Prints one JSON object. Models: ``tiny`` (the default run's tiny LLaVA, batch 32, 64 image + 58 text
+tokens, r=16) and ``100m`` (a LLaMA-shaped ~100M-parameter language model, 12 layers x 768, SwiGLU
+2560, behind a small CLIP tower; batch 2, 16 image + 65 text tokens, r=64). Arms: ``none`` (projector
+only), ``lora``, ``dora``, ``san_lora``, ``san_dora`` (all seven projections). One step is
+``LlavaSanModule.training_step`` (the training system's loss, SAN regulariser included) + ``backward``
++ AdamW ``step`` over the module's own parameter groups
+(:func:`llava_san.training.optim.build_optimizer`), on fixed random LLaVA batches (loss on the last 4
+tokens).
 
 * **speed**: the arms of a model are built side by side and stepped interleaved (one step each, order
   alternating), ``--repeats`` times after ``--warmup``; per arm the median wall and process-CPU time
@@ -20,7 +22,6 @@ LLaVA batches (image tokens + text, loss on the last ``--answer`` tokens).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -40,11 +41,11 @@ ARMS = ("none", "lora", "dora", "san_lora", "san_dora")
 RATIOS = (("san_lora", "lora"), ("san_dora", "dora"), ("dora", "lora"), ("none", "lora"))
 #: build_tiny keywords of each model, and its batch / text length / LoRA rank.
 MODELS = {
-    "tiny": {"spec": {}, "batch": 32, "text": 55, "rank": 16},
+    "tiny": {"spec": {"patch_size": 8}, "batch": 32, "text": 57, "rank": 16},  # conf/model/tiny.yaml
     "100m": {"spec": {"image_size": 64, "patch_size": 16, "vision_hidden": 128, "vision_layers": 2,
                       "vision_heads": 4, "text_hidden": 768, "text_layers": 12, "text_heads": 12,
-                      "text_kv_heads": 12, "text_intermediate": 2048, "vocab_size": 1024},
-             "batch": 4, "text": 112, "rank": 64},
+                      "text_kv_heads": 12, "text_intermediate": 2560, "vocab_size": 1024},
+             "batch": 2, "text": 64, "rank": 64},
 }
 
 

@@ -46,9 +46,13 @@ def _core(records):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from llava_san.models import build_tiny
+    # the tiny model exactly as conf/model/tiny.yaml builds it (what `python -m evaluation` loads by default)
+    import hydra
+    from omegaconf import OmegaConf
 
-    model, processor = build_tiny(seed=0)
+    build = OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml").build
+    build.seed = 0
+    model, processor = hydra.utils.instantiate(build)()
     return LoadedModel(model.eval(), processor, "tiny-test", "test")
 
 

@@ -79,14 +79,17 @@ def _weights(model):
 
 
 def test_trained_run_adapter_and_merged(trained_run, tmp_path):
-    from llava_san.models import build_tiny
+    import hydra
+    from omegaconf import OmegaConf
+
     from llava_san.peft import load_adapter, merge_san
 
     qs = resolve_benchmark("easyvqa", overrides={"cache_dir": str(CACHE / "easyvqa")}, limit=6).questions
     by_run = load_model(path=trained_run, device="cpu")
     assert by_run.model_id == "run" and "adapter" in by_run.source
     assert not any("lora_" in n or "san_" in n for n in by_run.model.state_dict())  # merged (as LLaVA does)
-    base, processor = build_tiny(seed=0)  # what the run's config.yaml says
+    build = hydra.utils.instantiate(OmegaConf.load(trained_run / "config.yaml").model.build)  # run's own model
+    base, processor = build()
     manual = merge_san(load_adapter(base, trained_run / "adapter")).eval()
     torch.testing.assert_close(_weights(by_run.model), _weights(manual), rtol=0, atol=0)
     merged = load_model(path=trained_run, use_merged=True, device="cpu")
@@ -101,7 +104,7 @@ def test_trained_run_adapter_and_merged(trained_run, tmp_path):
     ref = answers(by_run, "run")
     assert answers(merged, "merged") == ref
     assert answers(load_model(path=trained_run / "merged", device="cpu"), "ckpt") == ref  # a llava-hf folder
-    plain, _ = build_tiny(seed=0)
+    plain, _ = build()
     assert answers(LoadedModel(plain.eval(), processor, "base", ""), "base") != ref  # the adapter matters
 
 

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
-FAST = ["data=synthetic", "data.num_workers=0", "trainer.accelerator=cpu", "evaluate=null",
+FAST = ["data=synthetic", "trainer.accelerator=cpu", "evaluate=null",
         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "peft=lora"]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from evaluation.sweep import aggregate, collect_multirun
 
 ROOT = Path(__file__).resolve().parents[2]
-SHORT = ["data=synthetic", "data.num_workers=0", "trainer.accelerator=cpu", "trainer.max_steps=2",
+SHORT = ["data=synthetic", "trainer.accelerator=cpu", "trainer.max_steps=2",
          "evaluate=null", "callbacks=none", "logger=csv", "trainer.enable_progress_bar=false",
          "trainer.log_every_n_steps=1"]
 

@@ -13,7 +13,7 @@ from llava_san.models import write_tiny_checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
-FAST = ["data=synthetic", "data.num_workers=0", "trainer.accelerator=cpu", "debug=fast_dev_run",
+FAST = ["data=synthetic", "trainer.accelerator=cpu", "debug=fast_dev_run",
         "callbacks=none", "trainer.enable_progress_bar=false", "peft=san_dora"]
 
 

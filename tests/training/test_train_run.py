@@ -14,7 +14,7 @@ from llava_san.checkpoint import CheckpointMismatchError, NothingToResumeError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
-FAST = ["data=synthetic", "data.num_workers=0", "trainer.accelerator=cpu", "evaluate=null",
+FAST = ["data=synthetic", "trainer.accelerator=cpu", "evaluate=null",
         "callbacks.progress_bar.refresh_rate=0"]
 
 
