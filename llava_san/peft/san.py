@@ -271,8 +271,10 @@ class _SanSlot:
 
 #: Apply SAN's scaling to the frozen weight inside a custom autograd function (see
 #: :class:`_ScaledFrozenLinear`) rather than to the activations. Exact either way; the weight side
-#: touches ``out·in`` elements instead of ``tokens·out`` and is used whenever it applies.
-WEIGHT_SIDE_SCALING = True
+#: touches ``out·in`` elements instead of ``tokens·out`` and is used when the batch has at least
+#: ``in_features`` tokens (and no ZeRO-3 partitioning, no row-γ gradient). ``"auto"`` (that rule),
+#: ``True`` (whenever it applies) or ``False`` (never; activations are rescaled).
+WEIGHT_SIDE_SCALING = "auto"
 
 
 class _ScaledFrozenLinear(torch.autograd.Function):
@@ -344,9 +346,13 @@ class SanLoraLinear(lora_layer.Linear):
         g_row = slot.incoming(slot.row_src, x.dtype, training)  # (out,) or None
         g_col = slot.incoming(slot.col_src, x.dtype, training)  # (in,) or None
 
+        tokens = x.numel() // x.shape[-1]
         weight_side = (
-            WEIGHT_SIDE_SCALING
+            WEIGHT_SIDE_SCALING is not False
             and (g_row is not None or g_col is not None)
+            # rescaling W touches out·in elements, rescaling activations tokens·out (+ tokens·in): take the
+            # smaller (long sequences: the weight; short ones, e.g. 2 × 81 tokens at in = 768: activations)
+            and (WEIGHT_SIDE_SCALING is True or tokens >= base.in_features)
             and not hasattr(base.weight, "ds_id")  # ZeRO-3 partitions W: only a module call gathers it
             and not (g_row is not None and g_row.requires_grad)
             and not args
