@@ -57,3 +57,16 @@ def test_only_trained_positions_reach_the_head(tiny_llava):
     handle.remove()
     n_trained = int((batch["labels"][:, 1:] != -100).sum())
     assert rows == [torch.Size([n_trained, model.config.text_config.hidden_size])]
+
+
+def test_training_step_skips_a_batch_of_only_bad_samples():
+    """The collator returns (0, 0) tensors when every sample of a batch was skipped: no step, no NaN."""
+    from peft import LoraConfig
+
+    from llava_san.models import build_tiny
+    from llava_san.module import LlavaSanModule
+
+    module = LlavaSanModule(lambda: build_tiny(seed=0), lora_config=LoraConfig(r=2, target_modules=TARGETS))
+    module.configure_model()
+    empty = torch.zeros(0, 0, dtype=torch.long)
+    assert module.training_step({"input_ids": empty, "attention_mask": empty, "labels": empty}, 0) is None
