@@ -542,36 +542,6 @@ def _build(model_node: Any, dtype: Optional[str]) -> tuple[Any, Any]:
     return built, instantiate(node.processor)
 
 
-def _load_adapter_dir(model: Any, adapter: Path, merge: bool) -> Any:
-    """Adapter folder onto ``model``: a save_adapter folder (LoRA/DoRA/SAN + projector), merged into
-    the weights when ``merge``; or a projector-only folder (``peft=none`` runs)."""
-    import torch
-
-    if (adapter / "llava_san_adapter.json").is_file():
-        from llava_san.peft import load_adapter, merge_san
-
-        peft_model = load_adapter(model, adapter)
-        return merge_san(peft_model) if merge else peft_model
-    extra = adapter / "extra_trainable.safetensors"
-    if extra.is_file():
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(extra))
-        params = dict(model.named_parameters())
-        unknown = sorted(k for k in tensors if k not in params)
-        if unknown:
-            raise ValueError(f"{extra}: tensors the model does not have: {unknown[:3]}")
-        with torch.no_grad():
-            for k, v in tensors.items():
-                if tuple(v.shape) != tuple(params[k].shape):
-                    raise ValueError(
-                        f"{extra}: {k} has shape {tuple(v.shape)}, the model {tuple(params[k].shape)}")
-                params[k].copy_(v)
-        return model
-    raise FileNotFoundError(f"adapter folder {adapter} has neither llava_san_adapter.json nor "
-                            "extra_trainable.safetensors")
-
-
 def load_model(
     model_cfg: Any = None,
     *,
@@ -643,7 +613,9 @@ def load_model(
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         if adapter_dir is not None:
-            model = _load_adapter_dir(model, adapter_dir, merge)
+            from llava_san.peft import apply_adapter_folder
+
+            model = apply_adapter_folder(model, adapter_dir, merge)
             source += "" if kind else f" + adapter {adapter_dir}"
     if dt is not None:
         from llava_san.models import resolve_dtype

@@ -9,7 +9,8 @@
   ``load_state_dict`` (saved in the checkpoint by Lightning), not here.
 * :func:`save_final_adapter` gathers ZeRO-3 partitioned tensors before :func:`llava_san.peft.save_adapter`
   (the known LLaVA failure: adapters saved under ZeRO-3 holding empty or initial values).
-* :func:`export_merged` folds adapters + SAN into a plain ``LlavaForConditionalGeneration`` folder.
+* :func:`export_merged` folds adapters + SAN into a plain ``LlavaForConditionalGeneration`` folder;
+  under ZeRO-3, :func:`export_merged_from_adapter` does it from the saved adapter on a rebuilt base.
 """
 from __future__ import annotations
 
@@ -169,19 +170,49 @@ def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global
         return Path(directory)
 
 
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``model``'s parameters (each rank holds a slice of each)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def export_merged(model: nn.Module, processor: Any, directory: str | os.PathLike) -> Path:
     """Write a plain transformers checkpoint (adapters and SAN folded in) plus the processor, atomically.
 
     ``model`` is consumed when it is a ``PeftModel`` (merged in place). Load it back with
-    ``LlavaForConditionalGeneration.from_pretrained(directory)``.
+    ``LlavaForConditionalGeneration.from_pretrained(directory)``. A ZeRO-3 partitioned model cannot be
+    merged in place (each rank holds slices): use :func:`export_merged_from_adapter`.
     """
     from peft import PeftModel
 
     from .peft import merge_san
 
+    if is_partitioned(model):
+        raise ValueError("export_merged: the model is partitioned by ZeRO-3; rebuild the base and fold the "
+                         "saved adapter into it with export_merged_from_adapter")
     plain = merge_san(model) if isinstance(model, PeftModel) else model
+    return _save_plain(plain, processor, directory)
+
+
+def export_merged_from_adapter(model_factory: Any, adapter_dir: str | os.PathLike, processor: Any,
+                               directory: str | os.PathLike) -> Path:
+    """The merged checkpoint of a run rebuilt from its saved adapter: a fresh base from ``model_factory``
+    (the run's ``model.build``, same seed and paths), :func:`~llava_san.peft.apply_adapter_folder` with
+    ``merge``, then written like :func:`export_merged`.
+
+    The route for ZeRO-3 runs, on rank 0 after :func:`save_final_adapter`: the base is built whole in
+    host memory once more (bf16 7B: 14 GB), never partitioned.
+    """
+    from .peft import apply_adapter_folder
+
+    built = model_factory()
+    base, built_processor = built if isinstance(built, tuple) else (built, None)
+    plain = apply_adapter_folder(base, adapter_dir, merge=True)
+    return _save_plain(plain, processor if processor is not None else built_processor, directory)
+
+
+def _save_plain(model: nn.Module, processor: Any, directory: str | os.PathLike) -> Path:
     with atomic_dir(directory) as tmp:
-        plain.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp))
         if processor is not None:
             processor.save_pretrained(str(tmp))
     return Path(directory)

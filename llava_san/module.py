@@ -24,6 +24,7 @@ tokens) and, every ``log_gamma_every_n_steps`` optimiser steps, SAN's γ statist
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Optional
 
@@ -40,9 +41,10 @@ from .peft import (
     set_projector_trainable,
 )
 from .peft.adapter_io import _fingerprint
+from .training.lockstep import placeholder_loss, zero_image_in_forward
 from .training.loss import causal_lm_loss
 from .training.processors import check_same_processor
-from .training.optim import OptimConfig, build_optimizer, cosine_with_warmup
+from .training.optim import OptimConfig, build_optimizer, cosine_with_warmup, optimizer_offloaded
 
 #: Collator keys that go into the model's forward (others, e.g. ids for evaluation, are ignored).
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "position_ids")
@@ -94,6 +96,7 @@ class LlavaSanModule(L.LightningModule):
         self.strict_loading = False
         self._t_batch: Optional[float] = None
         self._batches_in_epoch = 0
+        self._skipped_batches = 0  # batches whose samples were all skipped as bad
 
     # ------------------------------------------------------------------------------------------
     # model
@@ -150,17 +153,36 @@ class LlavaSanModule(L.LightningModule):
         if self._t_batch is None:
             self._t_batch = time.perf_counter()
 
+    @property
+    def lockstep(self) -> bool:
+        """Whether every step must run the same graph on every rank (more than one process, or DeepSpeed):
+        see :mod:`llava_san.training.lockstep`."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        trainer = self._trainer
+        return trainer is not None and (trainer.world_size > 1 or isinstance(trainer.strategy, DeepSpeedStrategy))
+
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         """LM loss over the answer tokens (:func:`~llava_san.training.loss.causal_lm_loss`) + SAN's
-        regulariser; ``None`` (no optimiser step) for a batch whose samples were all skipped as bad."""
+        regulariser.
+
+        A batch whose samples were all skipped as bad: ``None`` (no optimiser step) on one process; under
+        DDP/DeepSpeed a zero loss through every trained tensor (:func:`placeholder_loss`), since every
+        rank must step. A text-only batch under DDP/DeepSpeed also runs the vision branch on a zero image
+        (:func:`~llava_san.training.lockstep.zero_image_in_forward`, LLaVA's way) so the projector is in every rank's graph.
+        """
+        bs = batch["input_ids"].shape[0]
         if batch["input_ids"].numel() == 0:
-            return None
+            self._skipped_batches += 1
+            self.log("train/skipped_batches", float(self._skipped_batches), batch_size=1)
+            return placeholder_loss(self.model) if self.lockstep else None
         log_gamma = self._gamma_step()
         if log_gamma:
             set_gamma_logging(self.model, True)
-        lm_loss = causal_lm_loss(self.model, batch)
+        text_only_in_lockstep = self.lockstep and batch.get("pixel_values") is None
+        with zero_image_in_forward(self.model) if text_only_in_lockstep else contextlib.nullcontext():
+            lm_loss = causal_lm_loss(self.model, batch)
         loss = lm_loss
-        bs = batch["input_ids"].shape[0]
         reg = san_regularization(self.model)
         if reg.requires_grad or float(reg) != 0.0:
             loss = loss + reg.to(loss.device, loss.dtype)
@@ -197,7 +219,9 @@ class LlavaSanModule(L.LightningModule):
         self._batches_in_epoch = 0  # a checkpoint taken at the epoch's end resumes at the next epoch's start
 
     def configure_optimizers(self) -> dict:
-        optimizer = build_optimizer(self.named_parameters(), self.optim)
+        # DeepSpeed with the optimizer offloaded to the host: DeepSpeedCPUAdam (as LLaVA's zero3_offload)
+        optimizer = build_optimizer(self.named_parameters(), self.optim,
+                                    cpu_offload=optimizer_offloaded(self.trainer.strategy))
         total = self.trainer.estimated_stepping_batches
         if not isinstance(total, int) or total <= 0:
             total = self.trainer.max_steps if self.trainer.max_steps > 0 else 1

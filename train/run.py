@@ -20,7 +20,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from llava_san.checkpoint import AtomicCheckpointIO, export_merged, resolve_ckpt_path, save_final_adapter
+from llava_san.checkpoint import (
+    AtomicCheckpointIO,
+    export_merged,
+    export_merged_from_adapter,
+    is_partitioned,
+    resolve_ckpt_path,
+    save_final_adapter,
+)
 from llava_san.training import MetricsRecorder, write_metrics
 
 log = logging.getLogger(__name__)
@@ -97,7 +104,11 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         _log_summary(trainer.loggers, metrics, trainer.global_step)
     if cfg.get("export") and trainer.is_global_zero:
-        export_merged(module.model, module.processor or processor, cfg.paths.merged_dir)
+        if is_partitioned(module.model):  # ZeRO-3: each rank holds slices; fold the saved adapter instead
+            export_merged_from_adapter(module.model_factory, cfg.paths.adapter_dir, module.processor or processor,
+                                       cfg.paths.merged_dir)
+        else:
+            export_merged(module.model, module.processor or processor, cfg.paths.merged_dir)
     if trainer.is_global_zero:
         write_metrics(out / "metrics.json", metrics)
         print(f"\nrun folder: {out} (metrics.json, adapter/); {trainer.global_step} steps in "

@@ -34,6 +34,19 @@ one extra copy of the input embedding and ``lm_head``: for 7B in bfloat16 about 
 shards add reclaimable page cache on top, not process-private memory. When ``dtype`` equals the
 stored dtype the weights even stay file-backed until written.
 With ``device_map="cuda"`` the weights go straight to the GPU.
+
+DeepSpeed ZeRO-3 construction (``DeepSpeedStrategy(zero_init=True)``: a transformers
+``HfDeepSpeedConfig`` is alive while the builder runs, see :func:`llava_san.models.tiny.zero3_config`):
+all three builders return the model partitioned, equal once gathered to the one built without
+DeepSpeed. ``from_pretrained`` builds each checkpoint inside ``deepspeed.zero.Init`` and loads it rank 0
+→ all; ``resize_token_embeddings`` gathers; our own writes go through ``GatheredParameters`` (mean rows)
+or are made on small whole modules that are partitioned right after (the projector, the resized
+embedding and ``lm_head``: :func:`~llava_san.models.tiny.zero3_partition`); the ``meta`` shell of
+:func:`build_llava_from_parts` is built with ZeRO-3 hidden. No rank ever holds the whole model: rank 0
+reads the (memory-mapped) checkpoint, and the only whole pieces are the projector and the resized
+embedding and ``lm_head`` (7B: 0.26 GB each in bf16) until they are partitioned.
+Parameter dtype under ZeRO-3 is DeepSpeed's precision (its ``bf16``/``fp16`` block, else fp32), as in
+transformers' own ZeRO-3 loading: keep ``dtype`` equal to the trainer's precision (the recipes do).
 """
 from __future__ import annotations
 
@@ -60,7 +73,7 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from .original_llava import MM_PROJECTOR_FILE, load_mm_projector
-from .tiny import TinyLlavaSpec, build_tiny_llava
+from .tiny import TinyLlavaSpec, build_tiny_llava, without_hf_zero3, zero3_config, zero3_partition
 from .tokenizer import IMAGE_TOKEN, PAD_TOKEN
 
 __all__ = [
@@ -268,17 +281,50 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+def _rows(weight: torch.Tensor) -> int:
+    """Rows of an embedding / lm_head weight, also when ZeRO-3 partitioned it (an empty placeholder)."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def _gathered_for_write(params: list) -> contextlib.AbstractContextManager:
+    """Make ZeRO-3 partitioned ``params`` whole for writing; rank 0's values are kept (sent to all).
+
+    Every rank computes the same write (same inputs), so keeping rank 0's loses nothing. A no-op for
+    unpartitioned parameters.
+    """
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if not zero:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(zero, modifier_rank=0)
+
+
+def _rng_untouched() -> contextlib.AbstractContextManager:
+    """Loading a checkpoint leaves the global RNG as it was (CPU, and the current GPU if CUDA is up).
+
+    transformers' ZeRO-3 loading builds the modules on a real device, where tensors made with
+    ``torch.randn`` in ``__init__`` (CLIP's ``class_embedding``) draw from the RNG before the checkpoint
+    overwrites them; without ZeRO-3 they are made on ``meta`` and draw nothing. Without this, everything
+    random after the builder (the projector without ``mm_projector``, LoRA's init) would differ between
+    ``zero_init`` and not.
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else [])
+
+
 def _mean_resize(lm, new_rows: int) -> None:
     """Grow input embeddings and lm_head to ``new_rows``, new rows = mean of the old ones (LLaVA's rule)."""
-    old_rows = lm.get_input_embeddings().weight.shape[0]
+    old_rows = _rows(lm.get_input_embeddings().weight)
     if new_rows <= old_rows:
         return
-    lm.resize_token_embeddings(new_rows, mean_resizing=False)
+    lm.resize_token_embeddings(new_rows, mean_resizing=False)  # gathers by itself under ZeRO-3
     with torch.no_grad():
         modules = (lm.get_input_embeddings(), lm.get_output_embeddings())
         for emb in {id(m): m for m in modules if m is not None}.values():  # once if tied
             w = emb.weight
-            w[old_rows:] = w[:old_rows].float().mean(dim=0, keepdim=True).to(w.dtype)
+            with _gathered_for_write([w]):
+                w[old_rows:] = w[:old_rows].float().mean(dim=0, keepdim=True).to(w.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,7 +344,7 @@ def check_model_processor(model: LlavaForConditionalGeneration, processor: Any, 
     cfg = model.config
     vision = cfg.vision_config
     tok = processor.tokenizer
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = _rows(model.get_input_embeddings().weight)
     problems = []
     if processor.vision_feature_select_strategy != cfg.vision_feature_select_strategy:
         problems.append(
@@ -622,13 +668,14 @@ def build_llava_from_parts(
     if device_map is not None:
         load_kw["device_map"] = device_map
     try:
-        lm = AutoModelForCausalLM.from_pretrained(lm_path, **load_kw)
+        with _rng_untouched():
+            lm = AutoModelForCausalLM.from_pretrained(lm_path, **load_kw)
     except (OSError, ValueError) as err:
         raise _not_loadable("language model", lm_path, lm_local, LM_EXPECT, LM_HINT, err) from None
     try:
         # A CLIPModel checkpoint also holds the text tower: its keys are "unexpected" for the vision model
         # and transformers would print a table of them; missing/mismatched vision keys are checked below.
-        with _quiet_transformers():
+        with _quiet_transformers(), _rng_untouched():
             vision, info = CLIPVisionModel.from_pretrained(vt_path, output_loading_info=True, **load_kw)
     except (OSError, ValueError) as err:
         raise _not_loadable("vision tower", vt_path, vt_local, VT_EXPECT, VT_HINT, err) from None
@@ -640,7 +687,7 @@ def build_llava_from_parts(
         )
 
     _mean_resize(lm, len(tok))
-    rows = lm.get_input_embeddings().weight.shape[0]
+    rows = _rows(lm.get_input_embeddings().weight)
     lm.config.vocab_size = rows
     lm.config.pad_token_id = tok.pad_token_id
 
@@ -660,13 +707,16 @@ def build_llava_from_parts(
     config._attn_implementation = attn_implementation
     config.dtype = torch_dtype
 
-    with torch.device("meta"):
+    zero3 = zero3_config()
+    with torch.device("meta"), without_hf_zero3():  # a shell only; ZeRO-3 cannot partition meta tensors
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = vision
     model.model.language_model = lm.get_decoder() if not hasattr(lm, "model") else lm.model
     model.lm_head = lm.get_output_embeddings()
-    device = model.lm_head.weight.device
-    projector = LlavaMultiModalProjector(config)  # real (CPU) init: nn.Linear default, like LLaVA's
+    # the loaded weights' device and dtype (= device_map and dtype; under ZeRO-3 DeepSpeed's precision)
+    like = model.lm_head.weight
+    # real init, whole (small; partitioned below under ZeRO-3): nn.Linear default, like LLaVA's
+    projector = LlavaMultiModalProjector(config)
     if projector_state is not None:
         projector.load_state_dict({k: v.float() for k, v in projector_state.items()})
     else:
@@ -676,8 +726,10 @@ def build_llava_from_parts(
             UserWarning,
             stacklevel=2,
         )
-    model.model.multi_modal_projector = projector.to(device=device, dtype=torch_dtype)
+    model.model.multi_modal_projector = projector.to(device=like.device, dtype=like.dtype)
     del lm
+    if zero3 is not None:  # the projector and the resized embedding / lm_head join the partitioned rest
+        zero3_partition(model, zero3)
 
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # a transformers change in the module layout; better to stop than train garbage
@@ -792,7 +844,8 @@ def load_llava_hf(
     if device_map is not None:
         load_kw["device_map"] = device_map
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(p, **load_kw)
+        with _rng_untouched():
+            model = LlavaForConditionalGeneration.from_pretrained(p, **load_kw)
     except (OSError, ValueError) as err:
         raise _not_loadable("llava-hf checkpoint", p, local, HF_EXPECT, HF_HINT, err) from None
     check_model_processor(model, processor, source=p)

@@ -22,12 +22,13 @@ from .san import (
     set_gamma_logging,
     sync_gamma_ema,
 )
-from .adapter_io import load_adapter, save_adapter
+from .adapter_io import apply_adapter_folder, load_adapter, save_adapter
 
 __all__ = [
     "LLAMA_MODULE_TYPES",
     "SanConfig",
     "SanLoraLinear",
+    "apply_adapter_folder",
     "adapted_module_names",
     "apply_lora",
     "attach_san",

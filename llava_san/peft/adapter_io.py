@@ -190,3 +190,33 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
             p.requires_grad_(False)
         model.eval()
     return model
+
+
+def apply_adapter_folder(model: nn.Module, directory: str | os.PathLike, merge: bool = True) -> nn.Module:
+    """A training run's ``adapter/`` folder onto a fresh base ``model``, for inference or export.
+
+    Two kinds of folder: a :func:`save_adapter` folder (LoRA/DoRA/SAN, plus the projector): loaded
+    with :func:`load_adapter` and, with ``merge``, folded into the weights by
+    :func:`~llava_san.peft.merge_san` (a plain transformers model comes back); or a projector-only
+    folder (``peft=none`` runs: just ``extra_trainable.safetensors``), copied into ``model``.
+    """
+    from .san import merge_san
+
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        peft_model = load_adapter(model, directory)
+        return merge_san(peft_model) if merge else peft_model
+    extra = directory / EXTRA
+    if not extra.is_file():
+        raise FileNotFoundError(f"adapter folder {directory} has neither {MANIFEST} nor {EXTRA}")
+    tensors = _load_tensors(extra)
+    params = dict(model.named_parameters())
+    unknown = sorted(k for k in tensors if k not in params)
+    if unknown:
+        raise ValueError(f"{extra}: tensors the model does not have: {unknown[:3]}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if tuple(v.shape) != tuple(params[k].shape):
+                raise ValueError(f"{extra}: {k} has shape {tuple(v.shape)}, the model {tuple(params[k].shape)}")
+            params[k].copy_(v)
+    return model

@@ -75,13 +75,34 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], cfg: Op
 
 
 def build_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]],
-                    cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` (``adapter`` / ``projector`` / ``other`` learning rates)."""
+                    cfg: OptimConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` (``adapter`` / ``projector`` / ``other`` learning rates).
+
+    ``cpu_offload``: DeepSpeed's ``DeepSpeedCPUAdam`` in AdamW mode (same update, vectorised C++ on the
+    host), for ZeRO with ``offload_optimizer`` on the CPU, where the optimizer states live in host memory
+    and torch's AdamW would step them element-wise in Python-dispatched ops. This is what LLaVA's
+    ``zero3_offload.json`` gets from its ``"optimizer": {"type": "AdamW"}`` block. Its C++ op is compiled
+    by DeepSpeed on first use (a minute, cached in ``~/.cache/torch_extensions``).
+    """
     groups = param_groups(named_params, cfg)
     if not groups:
         raise ValueError("nothing to train: no parameter requires grad "
                          "(peft=none with model.train_projector=false?)")
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                adamw_mode=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def optimizer_offloaded(strategy: object) -> bool:
+    """Whether ``strategy`` is DeepSpeed with ``zero_optimization.offload_optimizer`` on the CPU or NVMe."""
+    config = getattr(strategy, "config", None)
+    if not isinstance(config, dict):
+        return False
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device") in ("cpu", "nvme")
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float,

@@ -24,23 +24,37 @@
   checks, passes the local rank as ``device_rank`` and verifies that DeepSpeed's accelerator is the CPU
   one. On GPUs it behaves exactly like Lightning's.
 
-* **Where ZeRO-3 partitions the model** (``zero_init``). Lightning builds the model in
-  ``configure_model`` inside ``deepspeed.zero.Init``: each parameter becomes an empty ``[0]``
-  placeholder as soon as its module's ``__init__`` returns, so every later write to it (weight
-  initialisation, ``load_state_dict``, the meta-device assembly of ``build_llava_from_parts``) is lost
-  or fails, unless the builder gathers around it (HF's ``from_pretrained`` does so only when an
-  ``HfDeepSpeedConfig`` is alive). The tiny model already fails there (transformers' ``_init_weights``
-  indexes the empty embedding: ``IndexError``). So the default is ``zero_init=False``: the model is
-  built whole on each rank's CPU, exactly as without DeepSpeed (same seed, same values), and
-  ``deepspeed.initialize`` moves it to the device and partitions it. Cost: the whole model once per
-  rank in host memory (bf16 7B: 14 GB, 13B: 26 GB) and, transiently, on each GPU before partitioning;
-  ``zero3_offload`` on GPUs smaller than the model needs ``zero_init=True`` with a ZeRO-3-aware builder.
+* **Where ZeRO-3 partitions the model** (``zero_init``, ZeRO-3 only).
+
+  ``zero_init=False``: the model is built whole on each rank's CPU, exactly as without DeepSpeed, and
+  ``deepspeed.initialize`` moves it to the device and partitions it. Cost: the whole model once per rank
+  in host memory (bf16 7B: 14 GB, 13B: 26 GB) and, transiently, on each GPU before partitioning.
+
+  ``zero_init=True``: partitioned at construction, the way the HF Trainer does it. While
+  ``configure_model`` runs, a transformers ``HfDeepSpeedConfig`` of this config is alive, so
+  ``from_pretrained``/``from_config`` build inside ``deepspeed.zero.Init`` and load rank 0 → all,
+  ``resize_token_embeddings`` gathers, and peft gathers the frozen weight it reads (DoRA's ``‖W‖``). The
+  builders of :mod:`llava_san.models` gather around their own writes (mean-initialised rows) or make
+  small pieces whole and partition them at once (projector, resized embeddings, the random tiny model),
+  and return the model partitioned, equal once gathered to the ``zero_init=False`` model (same seed,
+  same checkpoint, same RNG state afterwards). ``zero3_offload`` (GPUs smaller than the model) defaults
+  to it; ``zero3`` and ``zero3_cpu`` keep ``False``.
+
+  Lightning's own version wraps all of ``configure_model`` in ``deepspeed.zero.Init`` instead. That
+  partitions each parameter as soon as its module's ``__init__`` returns, so every later in-place write
+  fails or is silently lost: transformers' ``_init_weights`` (``IndexError`` on the empty embedding),
+  ``load_state_dict``, the meta-device assembly of ``build_llava_from_parts``, and the adapters made after
+  the builder (peft's ``zeros_`` of LoRA ``B`` hits the placeholder: ``B`` keeps ``nn.Linear``'s random
+  init). As in the HF Trainer, the adapters are built whole here (they are small) and
+  ``deepspeed.initialize`` partitions them with the rest; a model factory that knows nothing of ZeRO-3
+  still works, built whole and partitioned by ``initialize``. Lightning's ``remote_device`` is not used:
+  where partitions live comes from the config's ``offload_param``, as in transformers.
 """
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Any, Generator, Mapping, Optional
+from typing import Any, Generator, Iterator, Mapping, Optional
 
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
@@ -122,6 +136,30 @@ def resolve_auto(config: Mapping[str, Any], *, precision: str = "32-true",
     return cfg
 
 
+@contextmanager
+def hf_deepspeed_config(config: Mapping[str, Any]) -> Iterator[Any]:
+    """Keep a transformers ``HfDeepSpeedConfig`` of ``config`` alive inside the block (ZeRO-3 aware
+    ``from_pretrained``, ``from_config``, ``resize_token_embeddings``, peft's gathers).
+
+    transformers finds it through a module-level weakref; on exit the previous one (normally none) is
+    restored. The hidden-size ``"auto"`` values (known only once the model exists) are left out: DeepSpeed's
+    defaults for construction, which they do not affect.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    cfg = copy.deepcopy(dict(config))
+    zero = cfg.get("zero_optimization")
+    if isinstance(zero, dict):
+        cfg["zero_optimization"] = {k: v for k, v in zero.items() if v != AUTO}
+    previous = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter in transformers
+    live = hf_deepspeed.HfDeepSpeedConfig(cfg)
+    try:
+        yield live
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = previous
+        del live
+
+
 def _walk(d: Mapping[str, Any], prefix: str = "") -> Generator[tuple[str, Any], None, None]:
     for k, v in d.items():
         if isinstance(v, Mapping):
@@ -134,8 +172,9 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` + LLaVA ``"auto"`` values, CPU accelerator support, ``zero_init``.
 
     Args:
-        zero_init: build the model inside ``deepspeed.zero.Init`` (ZeRO-3 only; see the module doc).
-            ``False`` (default): built whole, partitioned by ``deepspeed.initialize``.
+        zero_init: ZeRO-3 only: partition the model while ``configure_model`` builds it (a transformers
+            ``HfDeepSpeedConfig`` alive; see the module doc). ``False`` (default): built whole,
+            partitioned by ``deepspeed.initialize``.
         *args, **kwargs: Lightning's ``DeepSpeedStrategy`` arguments (``config=`` a dict or JSON path
             with LLaVA's ``"auto"`` values, ``exclude_frozen_parameters``, ...).
     """
@@ -186,12 +225,13 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 
     @contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
-        if self.zero_init:
-            with super().model_sharded_context():
-                yield
-            return
+        # not Lightning's deepspeed.zero.Init around all of configure_model: see the module doc
         self._init_config_if_needed()
-        yield
+        if not (self.zero_init and self.zero_stage_3):
+            yield
+            return
+        with hf_deepspeed_config(self.config):
+            yield
 
     def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
         # the model exists now: resolve the hidden-size "auto"s as the HF Trainer does before initialize
@@ -225,4 +265,4 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         return engine, ds_optimizer
 
 
-__all__ = ["DeepSpeedStrategy", "model_hidden_size", "resolve_auto"]
+__all__ = ["DeepSpeedStrategy", "hf_deepspeed_config", "model_hidden_size", "resolve_auto"]

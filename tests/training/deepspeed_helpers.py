@@ -31,3 +31,15 @@ class DumpTrainedState(L.Callback):
             trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if trainer.global_rank == 0:
             torch.save({"trained": trained, "partitioned": partitioned}, self.path / "trained.pt")
+
+
+class RecordOptimizer(L.Callback):
+    """Writes the class name of the optimizer that DeepSpeed's engine steps to ``<path>/optimizer.txt``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        engine_optimizer = trainer.strategy.deepspeed_engine.optimizer  # ZeRO's wrapper
+        inner = getattr(engine_optimizer, "optimizer", engine_optimizer)
+        (self.path / "optimizer.txt").write_text(type(inner).__name__)
