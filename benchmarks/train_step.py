@@ -7,12 +7,17 @@ only), ``lora``, ``dora``, ``san_lora``, ``san_dora`` (all seven projections). O
 ``LlavaSanModule.training_step`` (the training system's loss, SAN regulariser included) + ``backward``
 + AdamW ``step`` over the module's own parameter groups
 (:func:`llava_san.training.optim.build_optimizer`), on fixed random LLaVA batches (loss on the last 4
-tokens).
+tokens). Each step advances the trainer's optimizer-step count as ``fit`` does, so SAN's γ statistics are
+logged every ``log_gamma_every_n_steps`` steps as in a real run (``--log-gamma-every``, default the module's
+50; 1 logs every step, the cost of a logging step).
 
 * **speed**: the arms of a model are built side by side and stepped interleaved (one step each, order
   alternating), ``--repeats`` times after ``--warmup``; per arm the median wall and process-CPU time
   of a step -> ``samples_per_s`` (wall) and ``samples_per_cpu_s``. Machine noise hits every arm alike:
-  read the ratios (``san_lora/lora``, ``san_dora/dora``, ``dora/lora``, ``none/lora``; > 1 = faster).
+  read the ratios (``san_lora/lora``, ``san_dora/dora``, ``dora/lora``, ``none/lora``; > 1 = faster):
+  of the medians (``speed``, ``cpu_speed``), and ``speed_paired`` / ``cpu_speed_paired``, the median
+  over repeats of the two arms' ratio within a repeat (steps run back to back, so the machine's load
+  drifts cancel; the steadier figure on a shared machine).
 * **memory**: per arm in a fresh subprocess (``--child``): ``ru_maxrss`` growth over the resident
   model while training ``--mem-steps`` steps (activations, gradients, optimizer state) and the peak
   ``ru_maxrss``; ratios ``arm/base`` (> 1 = more memory).
@@ -30,6 +35,7 @@ import subprocess
 import sys
 import time
 import warnings
+from typing import Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp's active wait adds ~4 ms per parallel op here
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,8 +55,10 @@ MODELS = {
 }
 
 
-def build_module(model: str, arm: str):
-    """A configured ``LlavaSanModule`` (model built, adapters applied) with a barebones trainer attached."""
+def build_module(model: str, arm: str, log_gamma_every: Optional[int] = None):
+    """A configured ``LlavaSanModule`` (model built, adapters applied) with a barebones trainer attached.
+
+    ``log_gamma_every``: the module's ``log_gamma_every_n_steps`` (None: its default)."""
     import lightning as L
     from peft import LoraConfig
 
@@ -63,9 +71,10 @@ def build_module(model: str, arm: str):
     lora = None if arm == "none" else LoraConfig(
         r=m["rank"], lora_alpha=2 * m["rank"], lora_dropout=0.0, use_dora=arm.endswith("dora"),
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    extra = {} if log_gamma_every is None else {"log_gamma_every_n_steps": log_gamma_every}
     module = LlavaSanModule(lambda: build_tiny(seed=0, **m["spec"]), lora_config=lora,
                             san_config=SanConfig() if arm.startswith("san_") else None,
-                            optim=OptimConfig(lr=1e-4, projector_lr=2e-5), train_projector=True)
+                            optim=OptimConfig(lr=1e-4, projector_lr=2e-5), train_projector=True, **extra)
     module.configure_model()
     # barebones: self.log() is a no-op, the step code is the training code
     module.trainer = L.Trainer(barebones=True, accelerator="cpu", devices=1, logger=False)
@@ -99,7 +108,11 @@ def step(module, opt, batch, i: int) -> tuple[float, float]:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t, time.process_time() - c
+    dt, dc = time.perf_counter() - t, time.process_time() - c
+    # what fit() counts after an optimizer step: trainer.global_step (which paces the γ statistics) advances
+    progress = module.trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress
+    progress.optimizer.step.increment_completed()
+    return dt, dc
 
 
 def _reset_peak_rss() -> bool:
@@ -112,7 +125,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def child_memory(model: str, arm: str, steps: int) -> dict:
+def child_memory(model: str, arm: str, steps: int, log_gamma_every: Optional[int] = None) -> dict:
     """In a fresh process: peak RSS growth (MB) over the built model during ``steps`` training steps.
 
     The high-water mark is reset after the build (build and import transients do not count), so
@@ -122,7 +135,7 @@ def child_memory(model: str, arm: str, steps: int) -> dict:
 
     import psutil
 
-    module, opt = build_module(model, arm)
+    module, opt = build_module(model, arm, log_gamma_every)
     batch = make_batch(module, model, 0)
     gc.collect()
     resident = psutil.Process().memory_info().rss / 2**20
@@ -135,7 +148,7 @@ def child_memory(model: str, arm: str, steps: int) -> dict:
 
 def bench_model(model: str, args) -> dict:
     """Interleaved step timing of every arm of ``model``, then one memory subprocess per arm."""
-    modules = {arm: build_module(model, arm) for arm in args.arms}
+    modules = {arm: build_module(model, arm, args.log_gamma_every) for arm in args.arms}
     first = modules[args.arms[0]][0]
     n_params = sum(p.numel() for p in first.model.parameters() if not p.requires_grad) + sum(
         p.numel() for n, p in first.model.named_parameters() if p.requires_grad and "lora_" not in n)
@@ -158,8 +171,9 @@ def bench_model(model: str, args) -> dict:
         w, c = statistics.median(wall[arm]), statistics.median(cpu[arm])
         arms[arm] = {"step_ms": 1e3 * w, "step_cpu_ms": 1e3 * c, "samples_per_s": b / w,
                      "samples_per_cpu_s": b / c, "trainable_params": trainable[arm]}
+        log_every = [] if args.log_gamma_every is None else ["--log-gamma-every", str(args.log_gamma_every)]
         out = subprocess.run([sys.executable, __file__, "--child", model, arm, "--mem-steps",
-                              str(args.mem_steps), "--threads", str(args.threads)],
+                              str(args.mem_steps), "--threads", str(args.threads), *log_every],
                              capture_output=True, text=True, check=True)
         arms[arm].update(json.loads(out.stdout.strip().splitlines()[-1]))
     ratios = {}
@@ -168,6 +182,8 @@ def bench_model(model: str, args) -> dict:
             ratios[f"{a}/{base}"] = {
                 "speed": arms[a]["samples_per_s"] / arms[base]["samples_per_s"],
                 "cpu_speed": arms[a]["samples_per_cpu_s"] / arms[base]["samples_per_cpu_s"],
+                "speed_paired": statistics.median(x / y for x, y in zip(wall[base], wall[a])),
+                "cpu_speed_paired": statistics.median(x / y for x, y in zip(cpu[base], cpu[a])),
                 "memory_growth": arms[a]["train_rss_growth_mb"]
                 / max(arms[base]["train_rss_growth_mb"], 1e-9),
                 "peak_memory": arms[a]["peak_rss_mb"] / arms[base]["peak_rss_mb"],
@@ -186,6 +202,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--mem-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--log-gamma-every", type=int, default=None,
+                   help="log_gamma_every_n_steps of the module (default: its own, 50; 1 = every step)")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -195,7 +213,7 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     if args.child:
-        print(json.dumps(child_memory(args.child[0], args.child[1], args.mem_steps)))
+        print(json.dumps(child_memory(args.child[0], args.child[1], args.mem_steps, args.log_gamma_every)))
         return
     t0 = time.perf_counter()
     result = {"config": {k: v for k, v in vars(args).items() if k != "child"},

@@ -45,7 +45,7 @@ import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -183,30 +183,51 @@ def pool_gamma(
         h: frozen-path output without bias (with the SAN scaling the layer receives), ``(..., out)``.
         token_mask: ``(...)`` bool, True on tokens that count (non-padding), or None for all tokens.
     """
+    acc = torch.promote_types(h.dtype, torch.float32)
+    weights = None if token_mask is None else token_mask.reshape(-1, 1).to(acc)
+    raw = _raw_gamma(h_prime, h, weights, cfg)
+    lo, hi = cfg.clamp
+    return raw.clamp(lo, hi), _count_clamped(raw, cfg)
+
+
+def _raw_gamma(
+    h_prime: torch.Tensor, h: torch.Tensor, weights: Optional[torch.Tensor], cfg: SanConfig
+) -> torch.Tensor:
+    """Unclamped γ, ``(out,)``, in ``acc`` = fp32 or wider; ``weights`` is the ``(N, 1)`` 0/1 token mask
+    in ``acc`` (or None: every token counts). Differentiable unless called under ``no_grad``."""
+    if torch.is_autocast_enabled(h.device.type):  # autocast would run vecdot and @ in bf16/fp16
+        with torch.autocast(h.device.type, enabled=False):
+            return _raw_gamma(h_prime, h, weights, cfg)
     out = h.shape[-1]
     acc = torch.promote_types(h.dtype, torch.float32)  # fp32 at least (bf16 activations), fp64 stays fp64
-    hp = h_prime.reshape(-1, out).to(acc)  # (N, out)
-    hh = h.reshape(-1, out).to(acc)  # (N, out)
-    w = None if token_mask is None else token_mask.reshape(-1).to(hh.dtype)  # (N,)
+    hp = h_prime.reshape(-1, out)  # (N, out)
+    hh = h.reshape(-1, out)  # (N, out)
+    if hp.dtype != acc or hh.dtype != acc:
+        hp, hh = hp.to(acc), hh.to(acc)
     if cfg.pool == "lsq":
-        if w is not None:
-            hh_kept = hh * w[:, None]  # padded rows -> 0: they add nothing to either sum
-            num, den = torch.linalg.vecdot(hp, hh_kept, dim=0), torch.linalg.vecdot(hh_kept, hh, dim=0)
-        else:  # vecdot: one fused multiply-reduce per sum, no (N, out) temporary
-            num, den = torch.linalg.vecdot(hp, hh, dim=0), torch.linalg.vecdot(hh, hh, dim=0)
-        ok = den >= cfg.eps
-        gamma = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.ones_like(den))
-    else:  # mean of the clipped ratio, exactly 1 where h' == h
-        h_safe = torch.where(hh >= 0, hh.clamp(min=_MEAN_H_FLOOR), hh.clamp(max=-_MEAN_H_FLOOR))
-        ratio = (1.0 + (hp - hh) / h_safe).clamp(-_MEAN_RATIO_CLIP, _MEAN_RATIO_CLIP)
-        if w is None:
-            gamma = ratio.mean(0)
-        else:
-            gamma = (w @ ratio) / w.sum().clamp(min=1.0)
+        hk = hh if weights is None else hh * weights  # padded rows -> 0: they add nothing to either sum
+        if torch.is_grad_enabled() and (hp.requires_grad or hh.requires_grad):
+            num, den = torch.linalg.vecdot(hp, hk, dim=0), torch.linalg.vecdot(hk, hh, dim=0)
+        else:  # the same products and sums (= vecdot), the second product reusing the first's buffer
+            prod = hp * hk  # (N, out)
+            num = prod.sum(0)
+            den = torch.mul(hk, hh, out=prod).sum(0)
+        # γ = 1 where Σh² < eps; the clamped divisor keeps the unused branch (and its gradient) finite
+        return torch.where(den >= cfg.eps, num / den.clamp(min=cfg.eps), 1.0)
+    # mean of the clipped ratio, exactly 1 where h' == h
+    h_safe = torch.where(hh >= 0, hh.clamp(min=_MEAN_H_FLOOR), hh.clamp(max=-_MEAN_H_FLOOR))
+    ratio = (1.0 + (hp - hh) / h_safe).clamp(-_MEAN_RATIO_CLIP, _MEAN_RATIO_CLIP)
+    if weights is None:
+        return ratio.mean(0)
+    w = weights.reshape(-1)  # (N,)
+    return (w @ ratio) / w.sum().clamp(min=1.0)
+
+
+def _count_clamped(raw: torch.Tensor, cfg: SanConfig) -> torch.Tensor:
+    """How many entries of the unclamped γ the clamp changes (0-d tensor: no device sync)."""
     lo, hi = cfg.clamp
-    raw = gamma.detach()
-    n_clamped = ((raw < lo) | (raw > hi)).sum()  # a tensor: no device sync in the training step
-    return gamma.clamp(lo, hi), n_clamped
+    raw = raw.detach()
+    return ((raw < lo) | (raw > hi)).sum()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,9 +240,33 @@ class _SanState:
         self.cfg = cfg
         self.forward_id = 0
         self.token_mask: Optional[torch.Tensor] = None  # (B, T) bool of the current top-level forward
+        self._token_weights: dict[torch.dtype, torch.Tensor] = {}  # the mask as (B·T, 1) weights, by dtype
         self.record_all = cfg.propagation == "off" or cfg.reg_lambda > 0
         self.slots: list[_SanSlot] = []
         self.hook: Optional[torch.utils.hooks.RemovableHandle] = None
+
+    def new_forward(self, token_mask: Optional[torch.Tensor]) -> None:
+        """Start a top-level forward (called by the backbone pre-hook)."""
+        self.forward_id += 1
+        self.token_mask = token_mask
+        self._token_weights = {}
+
+    def token_weights(self, slot: "_SanSlot", h: torch.Tensor) -> Optional[torch.Tensor]:
+        """The current forward's non-padding tokens as ``(B·T, 1)`` 0/1 weights in γ's accumulation dtype
+        (made once per forward and dtype, shared by every layer), or None when every token counts."""
+        mask = self.token_mask
+        if mask is None:
+            return None
+        if mask.shape != h.shape[:-1]:
+            raise RuntimeError(
+                f"SAN: attention mask of shape {tuple(mask.shape)} does not match the activations "
+                f"{tuple(h.shape[:-1])} of {slot.name}; train-mode forwards must see the whole sequence"
+            )
+        acc = torch.promote_types(h.dtype, torch.float32)
+        weights = self._token_weights.get(acc)
+        if weights is None:
+            weights = self._token_weights[acc] = mask.reshape(-1, 1).to(acc)
+        return weights
 
 
 class _SanSlot:
@@ -236,7 +281,12 @@ class _SanSlot:
         self.batch_gamma: Optional[torch.Tensor] = None
         self.batch_fid = -1
         self.ema_fid = -1
-        self.n_clamped: Optional[torch.Tensor] = None  # entries the clamp changed, 0-d tensor
+        self.raw_gamma: Optional[torch.Tensor] = None  # batch γ before the clamp (for the statistics)
+
+    @property
+    def n_clamped(self) -> Optional[torch.Tensor]:
+        """Entries of the latest batch γ that the clamp changed (0-d tensor), counted only when asked."""
+        return None if self.raw_gamma is None else _count_clamped(self.raw_gamma, self.state.cfg)
 
     def detach_from(self, src: "_SanSlot") -> bool:
         return self.state.cfg.detach_cross_block and src.block != self.block
@@ -258,15 +308,17 @@ class _SanSlot:
     def wants_gamma(self) -> bool:
         return self.has_consumer or self.state.record_all
 
-    def record(self, gamma: torch.Tensor, n_clamped: torch.Tensor) -> None:
-        """Store this forward's γ and update γ̄ once per top-level forward (not in a recompute)."""
+    def record(self, gamma: torch.Tensor, raw: torch.Tensor) -> None:
+        """Store this forward's γ (clamped, and ``raw`` before the clamp) and update γ̄ once per top-level
+        forward (not in a recompute)."""
         state = self.state
-        self.batch_gamma, self.batch_fid, self.n_clamped = gamma, state.forward_id, n_clamped
+        self.batch_gamma, self.batch_fid, self.raw_gamma = gamma, state.forward_id, raw
         if self.ema_fid != state.forward_id:
             self.ema_fid = state.forward_id
+            momentum = state.cfg.ema
             with torch.no_grad():
                 ema = self.module.san_gamma_ema
-                ema.mul_(state.cfg.ema).add_(gamma.detach().to(ema), alpha=1.0 - state.cfg.ema)
+                ema.mul_(momentum).add_(gamma.to(ema), alpha=1.0 - momentum)
 
 
 #: Apply SAN's scaling to the frozen weight inside a custom autograd function (see
@@ -290,18 +342,21 @@ class _ScaledFrozenLinear(torch.autograd.Function):
     def forward(ctx, x, weight, g_row, g_col):
         need_g_col = g_col is not None and ctx.needs_input_grad[3]
         ctx.save_for_backward(x if need_g_col else None, weight, g_row, g_col)
+        ctx.dtype = x.dtype
         return F.linear(x, _scaled(weight, g_row, g_col, x.dtype))
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, g_row, g_col = ctx.saved_tensors
         grad_x = grad_g_col = None
+        # the scaled weight as forward made it, in grad_y's dtype (they differ only under autocast, where
+        # forward's F.linear ran in bf16/fp16 on the weight scaled in x's dtype)
         if ctx.needs_input_grad[3]:
-            u = grad_y @ _scaled(weight, g_row, None, grad_y.dtype)  # grad w.r.t. (g_col ⊙ x), (..., in)
+            u = grad_y @ _scaled(weight, g_row, None, ctx.dtype).to(grad_y.dtype)  # grad w.r.t. (g_col ⊙ x)
             grad_x = u * g_col if ctx.needs_input_grad[0] else None
             grad_g_col = (u * x).reshape(-1, u.shape[-1]).sum(0)
         elif ctx.needs_input_grad[0]:
-            grad_x = grad_y @ _scaled(weight, g_row, g_col, grad_y.dtype)
+            grad_x = grad_y @ _scaled(weight, g_row, g_col, ctx.dtype).to(grad_y.dtype)
         return grad_x, None, None, grad_g_col
 
 
@@ -347,16 +402,26 @@ class SanLoraLinear(lora_layer.Linear):
         g_col = slot.incoming(slot.col_src, x.dtype, training)  # (in,) or None
 
         tokens = x.numel() // x.shape[-1]
+        zero3 = hasattr(base.weight, "ds_id")  # ZeRO-3 partitions W: only a module call gathers it
         weight_side = (
             WEIGHT_SIDE_SCALING is not False
             and (g_row is not None or g_col is not None)
             # rescaling W touches out·in elements, rescaling activations tokens·out (+ tokens·in): take the
             # smaller (long sequences: the weight; short ones, e.g. 2 × 81 tokens at in = 768: activations)
             and (WEIGHT_SIDE_SCALING is True or tokens >= base.in_features)
-            and not hasattr(base.weight, "ds_id")  # ZeRO-3 partitions W: only a module call gathers it
+            and not zero3
             and not (g_row is not None and g_row.requires_grad)
             and not args
             and not kwargs
+        )
+        # rescale the activations in place where that is exact and safe: y is the base layer's own new tensor
+        # and nn.Linear does not save it for backward; not when g_row needs its gradient (autograd would save
+        # y), nor when a hook on the base layer may hold y (ZeRO-3 hooks wrap it)
+        row_in_place = (
+            g_row is not None
+            and not zero3
+            and not base._forward_hooks
+            and not (g_row.requires_grad and torch.is_grad_enabled())
         )
 
         def frozen(inp: torch.Tensor) -> torch.Tensor:
@@ -367,7 +432,11 @@ class SanLoraLinear(lora_layer.Linear):
             y = base(inp * g_col if g_col is not None else inp, *args, **kwargs)
             if base.bias is not None:
                 y = y - base.bias
-            return y * g_row if g_row is not None else y
+            if g_row is None:
+                return y
+            if row_in_place and y.dtype == g_row.dtype:  # (under autocast y * g_row may be wider than y)
+                return y.mul_(g_row)  # in place: one (N, out) tensor less
+            return y * g_row
 
         h = frozen(x)  # (B, T, out)
         result_dtype = h.dtype
@@ -383,10 +452,7 @@ class SanLoraLinear(lora_layer.Linear):
             ns = self._san_dora_scale(adapter, x_lora.dtype, g_row, g_col)  # (1, out)
             h_prime = h + ((ns - 1) * h_drop + ns * lora_B(lora_A(x_drop)) * scaling)
         if training and slot.wants_gamma():
-            keep_graph = torch.is_grad_enabled() and (slot.grad_consumer or slot.state.cfg.reg_lambda > 0)
-            with torch.set_grad_enabled(keep_graph):
-                gamma, n_clamped = pool_gamma(h_prime, h, _mask_for(slot, h), slot.state.cfg)
-            slot.record(gamma, n_clamped)
+            _emit_gamma(slot, h_prime, h)
         out = h_prime if base.bias is None else h_prime + base.bias
         return out.to(result_dtype)
 
@@ -415,20 +481,24 @@ class SanLoraLinear(lora_layer.Linear):
         return "san." + super().__repr__() + src
 
 
-def _mask_for(slot: _SanSlot, h: torch.Tensor) -> Optional[torch.Tensor]:
-    mask = slot.state.token_mask
-    if mask is None:
-        return None
-    if mask.shape != h.shape[:-1]:
-        raise RuntimeError(
-            f"SAN: attention mask of shape {tuple(mask.shape)} does not match the activations "
-            f"{tuple(h.shape[:-1])} of {slot.name}; train-mode forwards must see the whole sequence"
-        )
-    return mask
+def _emit_gamma(slot: _SanSlot, h_prime: torch.Tensor, h: torch.Tensor) -> None:
+    """Pool this layer's γ (§1) over the current forward's non-padding tokens and record it.
+
+    γ keeps its graph only when a consumer keeps its gradient or the regulariser needs it; otherwise it is
+    computed under ``no_grad`` (no activation is saved for it).
+    """
+    cfg = slot.state.cfg
+    weights = slot.state.token_weights(slot, h)  # (B·T, 1) or None
+    if torch.is_grad_enabled() and (slot.grad_consumer or cfg.reg_lambda > 0):
+        raw = _raw_gamma(h_prime, h, weights, cfg)
+    else:
+        with torch.no_grad():
+            raw = _raw_gamma(h_prime, h, weights, cfg)
+    lo, hi = cfg.clamp
+    slot.record(raw.clamp(lo, hi), raw)
 
 
-@contextlib.contextmanager
-def _gathered(*params: torch.Tensor) -> Iterator[None]:
+def _gathered(*params: torch.Tensor) -> contextlib.AbstractContextManager:
     """Gather ZeRO-3 partitioned parameters for a read (no-op for ordinary tensors)."""
     # Only parameters that are partitioned right now. In a DeepSpeed forward ZeRO-3 gathers W itself: a
     # parameter read outside its owner's forward is registered as an "external parameter" of the running
@@ -437,12 +507,10 @@ def _gathered(*params: torch.Tensor) -> Iterator[None]:
     # ZeRO-3 parameter while it is still active" at the 2nd ZeRO-3 step of SAN-DoRA.
     zero = [p for p in params if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
     if not zero:
-        yield
-        return
+        return contextlib.nullcontext()
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(zero, modifier_rank=None):
-        yield
+    return deepspeed.zero.GatheredParameters(zero, modifier_rank=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,15 +622,15 @@ def _make_backbone_hook(state: _SanState):
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) >= 2:  # LlamaModel.forward(input_ids, attention_mask, ...)
             mask = args[1]
-        state.forward_id += 1
         if mask is None or not module.training:
-            state.token_mask = None
+            state.new_forward(None)
             return
         if mask.dim() != 2:
+            state.new_forward(None)
             raise ValueError(
                 f"SAN pools γ over non-padding tokens and needs a 2-D attention mask (B, T); got {tuple(mask.shape)}"
             )
-        state.token_mask = None if bool(mask.all()) else mask.bool()
+        state.new_forward(None if bool(mask.all()) else mask.bool())
 
     return hook
 
