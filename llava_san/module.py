@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable, Optional
 
 import lightning as L
+from lightning.pytorch.strategies import DeepSpeedStrategy
 import torch
 from peft import LoraConfig, PeftModel
 
@@ -157,8 +158,6 @@ class LlavaSanModule(L.LightningModule):
     def lockstep(self) -> bool:
         """Whether every step must run the same graph on every rank (more than one process, or DeepSpeed):
         see :mod:`llava_san.training.lockstep`."""
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
         trainer = self._trainer
         return trainer is not None and (trainer.world_size > 1 or isinstance(trainer.strategy, DeepSpeedStrategy))
 

@@ -177,14 +177,8 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
             slot.module.san_gamma_ema.copy_(tensors[key])
     if manifest.get("extra_trainable"):
         tensors = _load_tensors(directory / EXTRA)
-        with torch.no_grad():
-            for name in manifest["extra_trainable"]:
-                param = base.get_parameter(name)
-                if tuple(tensors[name].shape) != tuple(param.shape):
-                    raise ValueError(f"{directory / EXTRA}: {name} has shape {tuple(tensors[name].shape)}, "
-                                     f"the model has {tuple(param.shape)}")
-                param.copy_(tensors[name])
-                param.requires_grad_(is_trainable)
+        for param in _copy_into(base, tensors, manifest["extra_trainable"], directory / EXTRA):
+            param.requires_grad_(is_trainable)
     if not is_trainable:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -210,13 +204,26 @@ def apply_adapter_folder(model: nn.Module, directory: str | os.PathLike, merge: 
     if not extra.is_file():
         raise FileNotFoundError(f"adapter folder {directory} has neither {MANIFEST} nor {EXTRA}")
     tensors = _load_tensors(extra)
-    params = dict(model.named_parameters())
-    unknown = sorted(k for k in tensors if k not in params)
-    if unknown:
-        raise ValueError(f"{extra}: tensors the model does not have: {unknown[:3]}")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if tuple(v.shape) != tuple(params[k].shape):
-                raise ValueError(f"{extra}: {k} has shape {tuple(v.shape)}, the model {tuple(params[k].shape)}")
-            params[k].copy_(v)
+    _copy_into(model, tensors, list(tensors), extra)
     return model
+
+
+def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], names: list[str],
+               source: Path) -> list[torch.nn.Parameter]:
+    """Copy ``tensors[name]`` into ``model``'s parameter ``name`` for each of ``names``; returns those
+    parameters. Nothing is copied unless every name is in the file and the model with the same shape."""
+    params = dict(model.named_parameters())
+    absent = sorted(n for n in names if n not in tensors)
+    if absent:
+        raise ValueError(f"{source} lacks {absent[:3]} ({len(absent)} tensors)")
+    unknown = sorted(n for n in names if n not in params)
+    if unknown:
+        raise ValueError(f"{source}: tensors the model does not have: {unknown[:3]}")
+    for n in names:
+        if tuple(tensors[n].shape) != tuple(params[n].shape):
+            raise ValueError(f"{source}: {n} has shape {tuple(tensors[n].shape)}, the model has "
+                             f"{tuple(params[n].shape)}")
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(tensors[n])
+    return [params[n] for n in names]

@@ -1,7 +1,8 @@
-"""A callback for the multi-process DeepSpeed test (imported by the ``python -m train`` ranks it launches).
+"""Shared pieces of the DeepSpeed CPU tests: the run config they compose, and callbacks the ``python -m train``
+ranks they launch import.
 
 Not a test module: ``tests/training/test_deepspeed_cpu.py`` puts this folder on the ranks' PYTHONPATH and
-adds ``+callbacks.dump._target_=deepspeed_helpers.DumpTrainedState``.
+adds e.g. ``+callbacks.dump._target_=deepspeed_helpers.DumpTrainedState``.
 """
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+#: A short CPU run on synthetic data: no evaluation, checkpoints or progress bar.
+BASE = ["data=synthetic", "trainer=cpu", "evaluate=null", "callbacks=none", "logger=csv",
+        "trainer.enable_progress_bar=false", "+trainer.enable_checkpointing=false", "data.batch_size=2"]
+
+
+def compose_train(out, *overrides):
+    """``conf/train.yaml`` composed with :data:`BASE`, ``paths.output_dir=out`` and ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"paths.output_dir={out}", *BASE, *overrides])
 
 
 class DumpTrainedState(L.Callback):

@@ -22,23 +22,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
-BASE = ["data=synthetic", "trainer=cpu", "evaluate=null", "callbacks=none", "logger=csv",
-        "trainer.enable_progress_bar=false", "+trainer.enable_checkpointing=false", "data.batch_size=2"]
+from deepspeed_helpers import BASE, ROOT, compose_train as _cfg  # noqa: E402
 STRATEGY = {2: "deepspeed_zero2", 3: "deepspeed_zero3_cpu"}  # zero3_cpu: persistence threshold 0
 PEFTS = ["san_lora", "san_dora"]
-
-
-def _cfg(out, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"paths.output_dir={out}", *BASE, *overrides])
 
 
 def _eval_batch(cfg):

@@ -23,22 +23,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
-BASE = ["data=synthetic", "trainer=cpu", "evaluate=null", "callbacks=none", "logger=csv",
-        "trainer.enable_progress_bar=false", "+trainer.enable_checkpointing=false", "data.batch_size=2"]
+from deepspeed_helpers import ROOT, compose_train as _cfg  # noqa: E402
 BUILDERS = ["tiny", "parts", "parts_random_projector", "llava_hf", "llava_hf_hub"]
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "PL_GLOBAL_SEED")
-
-
-def _cfg(out, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"paths.output_dir={out}", *BASE, *overrides])
 
 
 def _free_port() -> int:
