@@ -63,6 +63,9 @@ class LlavaSanModule(L.LightningModule):
         optim: :class:`llava_san.training.OptimConfig` (learning rates, AdamW, cosine warm-up).
         train_projector: train LLaVA's multimodal projector (LLaVA recipe: yes).
         gradient_checkpointing: non-reentrant activation checkpointing of the language model.
+        full_finetune: train every weight (vision tower, projector, language model, embeddings) at
+            ``optim.lr`` instead of adapters; needs ``lora_config=None`` (``peft=full``). Used to build the
+            pretrained base of the SAN study (:mod:`evaluation.study`).
         log_gamma_every_n_steps: log SAN γ statistics every this many optimiser steps (0: never).
         data_processor: the processor the datamodule prepares batches with (built before the model);
             :meth:`configure_model` checks it fits the built model's processor before any step.
@@ -78,11 +81,16 @@ class LlavaSanModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         log_gamma_every_n_steps: int = 50,
         data_processor: Any = None,
+        full_finetune: bool = False,
     ) -> None:
         super().__init__()
         if san_config is not None and lora_config is None:
             raise ValueError("a SAN config needs a LoRA/DoRA adapter (peft.lora_config), "
                              "got lora_config=None")
+        if full_finetune and lora_config is not None:
+            raise ValueError("full_finetune trains every weight: it takes no adapter (use peft=full, "
+                             "whose lora_config is null)")
+        self.full_finetune = bool(full_finetune)
         self.model_factory = model_factory
         self.lora_config = lora_config
         self.san_config = san_config
@@ -110,7 +118,7 @@ class LlavaSanModule(L.LightningModule):
         model, processor = built if isinstance(built, tuple) else (built, None)
         if self.data_processor is not None and processor is not None:
             check_same_processor(self.data_processor, processor)
-        model.requires_grad_(False)  # vision tower, LM, embeddings, lm_head: frozen
+        model.requires_grad_(self.full_finetune)  # frozen unless full fine-tuning
         if self.lora_config is not None:
             model = get_san_model(model, self.lora_config, self.san_config)
         if self.train_projector:
@@ -141,6 +149,8 @@ class LlavaSanModule(L.LightningModule):
         fp["adapter"] = None if self.lora_config is None else {
             "r": int(self.lora_config.r), "use_dora": bool(self.lora_config.use_dora)}
         fp["san"] = None if self.san_config is None else self.san_config.propagation
+        if self.full_finetune:
+            fp["full_finetune"] = True
         return fp
 
     # ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -64,6 +65,9 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)  # fail before any work
+    threads = cfg.model.get("torch_threads")
+    if threads:  # intra-op threads of this process (dataloader workers set their own)
+        torch.set_num_threads(int(threads))
     L.seed_everything(cfg.seed, workers=True)
 
     processor = instantiate(cfg.model.processor)

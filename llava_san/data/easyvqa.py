@@ -195,6 +195,55 @@ def prepare_easyvqa(cache_dir: str, force: bool = False) -> EasyVQAPaths:
     return paths
 
 
+def check_question_types(question_types: Optional[Sequence[str]]) -> Optional[tuple[str, ...]]:
+    """``None`` (every type) or the sorted, de-duplicated easy-vqa types; ``ValueError`` names a bad one."""
+    if question_types is None:
+        return None
+    types = tuple(sorted(set(str(t) for t in question_types)))
+    bad = [t for t in types if t not in QUESTION_TYPES]
+    if bad or not types:
+        raise ValueError(f"question_types must be a non-empty subset of {list(QUESTION_TYPES)}, "
+                         f"got {list(question_types)}")
+    return types
+
+
+def prepare_easyvqa_subset(cache_dir: str, question_types: Sequence[str]) -> str:
+    """The training records of the given question types only, as ``train_<types>.json`` beside
+    ``train.json`` (written atomically once, reused afterwards); returns its path."""
+    types = check_question_types(question_types)
+    paths = prepare_easyvqa(cache_dir)
+    if types == tuple(sorted(QUESTION_TYPES)):
+        return paths.train_records
+    out = os.path.join(paths.cache_dir, f"train_{'+'.join(types)}.json")
+    with open(paths.manifest, encoding="utf-8") as f:
+        expected = sum(int(n) for t, n in json.load(f)["train_question_types"].items() if t in types)
+    try:
+        with open(out, encoding="utf-8") as f:
+            if len(json.load(f)) == expected:
+                return out
+    except (OSError, ValueError):
+        pass
+    with open(paths.train_records, encoding="utf-8") as f:
+        records = [r for r in json.load(f) if r["question_type"] in types]
+    # first writer wins (a hard link never replaces an existing file): a process that already indexed
+    # the file is never handed a new inode by a concurrent writer
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=paths.cache_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(records, f, ensure_ascii=False, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(out):  # a damaged or stale file (its length was checked above)
+            os.unlink(out)
+        try:
+            os.link(tmp, out)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(tmp)
+    return out
+
+
 # ---------------------------------------------------------------------- blind baselines
 def majority_answer(answers: Iterable[str]) -> str:
     """The most frequent answer (ties: the alphabetically first)."""
@@ -242,10 +291,14 @@ class EasyVQADataModule(LlavaDataModule):
 
     Args:
         cache_dir: where :func:`prepare_easyvqa` writes the records.
+        question_types: train on these question types only (``colour``, ``shape``, ``yes-no``;
+            ``None``: all), e.g. the SAN study's shifted target (:func:`prepare_easyvqa_subset`).
         **kwargs: every :class:`LlavaDataModule` argument except ``train_file``/``image_folder``.
     """
 
-    def __init__(self, cache_dir: str = ".cache/easyvqa", **kwargs: Any):
+    def __init__(self, cache_dir: str = ".cache/easyvqa", question_types: Optional[Sequence[str]] = None,
+                 **kwargs: Any):
+        self.question_types = check_question_types(question_types)
         paths = easyvqa_paths(cache_dir)
         for k in ("train_file", "image_folder"):
             if kwargs.get(k) is not None:
@@ -255,18 +308,23 @@ class EasyVQADataModule(LlavaDataModule):
         self.cache_dir = paths.cache_dir
         self.paths: Optional[EasyVQAPaths] = None
 
+    def _prepare(self) -> None:
+        self.paths = prepare_easyvqa(self.cache_dir)
+        if self.question_types is not None:
+            self.train_file = prepare_easyvqa_subset(self.cache_dir, self.question_types)
+
     def prepare_data(self) -> None:
         """Write the cache (Lightning runs this once per node before ``setup``)."""
-        self.paths = prepare_easyvqa(self.cache_dir)
+        self._prepare()
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Make sure the cache exists (idempotent, concurrency-safe), then the usual setup."""
         if self.paths is None:
-            self.paths = prepare_easyvqa(self.cache_dir)
+            self._prepare()
         super().setup(stage)
 
 
 __all__ = ["EasyVQADataModule", "EasyVQAPaths", "QUESTION_TYPES", "SHORT_ANSWER_PROMPT",
-           "blind_baselines", "easyvqa_image_folder", "easyvqa_paths", "majority_answer",
-           "per_question_answers", "prepare_easyvqa", "question_type", "question_type_from_text",
+           "blind_baselines", "check_question_types", "easyvqa_image_folder", "easyvqa_paths", "majority_answer",
+           "per_question_answers", "prepare_easyvqa", "prepare_easyvqa_subset", "question_type", "question_type_from_text",
            "test_questions", "train_records"]

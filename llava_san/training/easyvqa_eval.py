@@ -72,11 +72,16 @@ class EasyVqaEvaluator:
         batch_size: questions per batched greedy generation.
         max_new_tokens: greedy tokens per answer (answers are one word, then ``</s>``).
         limit: the first ``limit`` test questions in file order (``None``: all 9,673).
+        question_types: ask only the test questions of these types (``None``: all), e.g. ``[shape]``
+            in the SAN study's pretrained regime; ``limit`` then counts within them.
     """
 
     def __init__(self, cache_dir: str = ".cache/easyvqa", template: str = "vicuna_v1",
                  tokenization: str = "llava", image_aspect_ratio: str = "pad", batch_size: int = 128,
-                 max_new_tokens: int = 4, limit: Optional[int] = None) -> None:
+                 max_new_tokens: int = 4, limit: Optional[int] = None,
+                 question_types: Optional[list[str]] = None) -> None:
+        from ..data.easyvqa import check_question_types
+
         if int(batch_size) < 1 or int(max_new_tokens) < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, "
                              f"{max_new_tokens}")
@@ -86,6 +91,7 @@ class EasyVqaEvaluator:
         self.image_aspect_ratio = image_aspect_ratio
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
         self.limit = None if limit is None else int(limit)
+        self.question_types = check_question_types(question_types)
 
     def questions(self) -> tuple[list[dict], dict[str, dict], str]:
         """(question rows, ground truth by question id, image folder) of the evaluated test questions."""
@@ -94,6 +100,8 @@ class EasyVqaEvaluator:
         paths = prepare_easyvqa(self.cache_dir)
         with open(paths.test_questions, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
+        if self.question_types is not None:
+            rows = [r for r in rows if r["category"] in self.question_types]
         with open(paths.test_answers, encoding="utf-8") as f:
             truth = json.load(f)
         return (rows[: self.limit] if self.limit else rows), truth, paths.image_folder

@@ -99,3 +99,28 @@ def test_datamodule_trains_the_tiny_model(cache):
         assert torch.isfinite(model(**batch).loss)
     with pytest.raises(ValueError, match="sets train_file itself"):
         EasyVQADataModule(cache_dir=str(d), train_file="x.json")
+
+
+def test_question_types_subset(cache):
+    """question_types=[shape]: the datamodule trains on exactly the shape records of train.json, in file
+    order, written once and reused; a bad type is named."""
+    d, paths = cache
+    model, processor = build_tiny_llava(seed=0)
+    dm = EasyVQADataModule(cache_dir=str(d), question_types=["shape"], processor=processor, batch_size=8,
+                           num_workers=0, val_fraction=0.0, seed=0)
+    dm.prepare_data()
+    dm.setup()
+    with open(paths.train_records) as f:
+        expected = [r for r in json.load(f) if r["question_type"] == "shape"]
+    with open(dm.train_file) as f:
+        assert json.load(f) == expected
+    assert len(dm.train_dataset) == len(expected) == 5002
+    mtime = os.stat(dm.train_file).st_mtime_ns
+    again = EasyVQADataModule(cache_dir=str(d), question_types=["shape"], processor=processor)
+    again.prepare_data()
+    assert again.train_file == dm.train_file and os.stat(dm.train_file).st_mtime_ns == mtime
+    batch = next(iter(dm.train_dataloader()))
+    answers = {processor.tokenizer.decode([t for t in row if t != -100]) for row in batch["labels"].tolist()}
+    assert answers <= {"circle</s>", "rectangle</s>", "triangle</s>"}
+    with pytest.raises(ValueError, match="question_types"):
+        EasyVQADataModule(cache_dir=str(d), question_types=["color"])

@@ -18,7 +18,7 @@ def _read(name):
     return json.loads((NOTEBOOKS / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["results.ipynb", "sweep.ipynb"])
+@pytest.mark.parametrize("name", ["results.ipynb", "sweep.ipynb", "study.ipynb"])
 def test_stored_without_outputs_and_without_logic(name):
     nb = _read(name)
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]

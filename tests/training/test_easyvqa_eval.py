@@ -119,3 +119,13 @@ def test_default_run_shortened(tmp_path, capsys):
     assert overall[0] == "overall" and [float(x) for x in overall[1:]] == pytest.approx(
         [m["test/easyvqa_accuracy"], m["test/easyvqa_blind_baseline"], m["test/easyvqa_majority_baseline"]],
         abs=5e-5)
+
+
+def test_question_types_ask_only_those_questions(cache_dir):
+    """question_types=[shape]: only the 1,257 shape questions are asked (limit counts within them)."""
+    ev = EasyVqaEvaluator(cache_dir=cache_dir, question_types=["shape"])
+    rows, truth, _ = ev.questions()
+    assert len(rows) == 1257 and {r["category"] for r in rows} == {"shape"}
+    assert all(truth[str(r["question_id"])]["question_type"] == "shape" for r in rows)
+    limited, _, _ = EasyVqaEvaluator(cache_dir=cache_dir, question_types=["shape"], limit=10).questions()
+    assert [r["question_id"] for r in limited] == [r["question_id"] for r in rows[:10]]

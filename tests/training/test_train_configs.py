@@ -43,7 +43,8 @@ def test_peft_config(option):
     cfg = _compose(f"peft={option}", "data=synthetic")
     lora = instantiate(cfg.peft.lora_config) if cfg.peft.lora_config else None
     san = instantiate(cfg.peft.san) if cfg.peft.san else None
-    assert (lora is None) == (option == "none")
+    assert (lora is None) == (option in ("none", "full"))
+    assert bool(cfg.peft.get("full_finetune")) == (option == "full")
     if lora is not None:
         assert isinstance(lora, LoraConfig) and isinstance(lora.target_modules, (set, list))
         assert lora.use_dora == option.endswith("dora")
@@ -132,7 +133,7 @@ def test_default_config():
         pytest.skip("conf/data/easyvqa.yaml not there yet")
     cfg = _compose()
     assert cfg.model.build._target_.endswith("build_tiny") and cfg.peft.lora_config.use_dora and cfg.peft.san
-    assert cfg.trainer.max_epochs is None and cfg.trainer.max_steps == 2500  # a fixed step count
+    assert cfg.trainer.max_epochs is None and cfg.trainer.max_steps == 3500  # a fixed step count
     assert cfg.data.batch_size == 32 and cfg.evaluate.limit is None  # all 9,673 test questions
     # the evaluation asks questions as the training data is prepared
     assert (cfg.evaluate.template, cfg.evaluate.tokenization, cfg.evaluate.image_aspect_ratio) == (
