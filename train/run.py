@@ -29,7 +29,7 @@ from llava_san.checkpoint import (
     resolve_ckpt_path,
     save_final_adapter,
 )
-from llava_san.training import MetricsRecorder, write_metrics
+from llava_san.training import BadSampleReport, MetricsRecorder, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def run(cfg: DictConfig) -> dict:
         model_factory=instantiate(cfg.model.build), lora_config=lora_config, san_config=san_config,
         optim=instantiate(cfg.optim), data_processor=processor)
 
-    recorder = MetricsRecorder()
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [recorder]
+    recorder, bad_samples = MetricsRecorder(), BadSampleReport()
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [recorder, bad_samples]
     loggers = _instantiate_all(cfg.get("logger"))
     strategy = instantiate(cfg.strategy)
     extra = {}
@@ -93,6 +93,7 @@ def run(cfg: DictConfig) -> dict:
     metrics: dict = {"time/train_s": time.perf_counter() - t0, "time/train_cpu_s": _cpu_seconds() - cpu0,
                      "train/global_step": trainer.global_step}
     metrics.update(recorder.metrics())
+    metrics.update(bad_samples.metrics(trainer))
 
     save_final_adapter(module.model, cfg.paths.adapter_dir, trainer.is_global_zero)
     report = None

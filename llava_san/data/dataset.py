@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .errors import REASONS, BadSample, BadSampleError
+from .errors import REASONS, BadSample, BadSampleError, where
 from .index import RecordIndex
 from .preprocess import LlavaPreprocessor
 
@@ -100,16 +100,25 @@ class LlavaDataset(Dataset):
         i = int(i)
         position = self.index.position(i)
         self.counter.add("seen")
+        rec: Any = None
         try:
             rec = self.index[i]
             sample = self.preprocessor(rec, position, self.index.path)
         except BadSample as bad:
-            if self.on_bad_sample == "raise":
-                raise BadSampleError(bad.message, bad.reason) from None
-            self.counter.add(bad.reason)
-            if self.counter.should_log(bad.reason):
-                log.warning("skipping bad sample [%s] %s (pid %d)", bad.reason, bad.message, os.getpid())
-            return None
+            return self._bad(bad)
+        except Exception as err:  # any other failure on one record is that record's problem, not the run's
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            return self._bad(BadSample("preprocess_error", f"{where(rid, position, self.index.path)}: "
+                                       f"{type(err).__name__}: {err}"), err)
         if sample["truncated"]:
             self.counter.add("truncated")
         return sample
+
+    def _bad(self, bad: BadSample, cause: Optional[BaseException] = None) -> None:
+        """Skip (count, log the first few) or raise :class:`BadSampleError`, by the policy."""
+        if self.on_bad_sample == "raise":
+            raise BadSampleError(bad.message, bad.reason) from cause
+        self.counter.add(bad.reason)
+        if self.counter.should_log(bad.reason):
+            log.warning("skipping bad sample [%s] %s (pid %d)", bad.reason, bad.message, os.getpid())
+        return None

@@ -14,6 +14,7 @@ INDEX_REASONS = (
     "bad_turn_order",  # turns do not alternate human, gpt, human, ...
     "empty_answer",  # a gpt turn with an empty (or whitespace-only) value
     "no_answer",  # no gpt turn at all: nothing could be trained
+    "unencodable_text",  # a string no tokenizer can take (e.g. a lone UTF-16 surrogate, legal in JSON)
 )
 # Problems found when a sample is prepared (in the dataloader workers).
 RUNTIME_REASONS = (
@@ -24,6 +25,7 @@ RUNTIME_REASONS = (
     "too_long",  # does not fit ``model_max_length`` without cutting the image span
     "no_trained_tokens",  # no trained token left (e.g. truncation removed every answer)
     "tokenization_drift",  # a piece boundary fell inside a token (labels would be ambiguous)
+    "preprocess_error",  # any other exception while preparing the sample (its class is in the message)
 )
 REASONS = INDEX_REASONS + RUNTIME_REASONS
 

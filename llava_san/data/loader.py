@@ -58,18 +58,39 @@ class LlavaDataLoader(DataLoader):
         if self.counter is not None:
             self.counter.reset()
         self.batches_consumed = start
+        self._epoch_samples = epoch_samples
         for batch in super().__iter__():
             self.batches_consumed += 1
             if self.counter is not None and self.counter.bad() > limit:
                 self._finish(sampler.epoch, epoch_samples, final=False)
             yield batch
+        # Lightning stops at the sampler's length without asking for one more batch, so under a
+        # Trainer this line is not reached: BadSampleReport (llava_san.training) calls finish_epoch
         self._finish(sampler.epoch, epoch_samples, final=True)
 
-    def _finish(self, epoch: int, epoch_samples: int, final: bool) -> None:
+    def epoch_totals(self) -> dict[str, int]:
+        """This process's counters of the current pass: ``{"seen", "truncated", <reason>, ...}``."""
+        return self.counter.totals() if self.counter is not None else {}
+
+    def finish_epoch(self, totals: Optional[dict[str, int]] = None) -> Optional[dict]:
+        """The end-of-pass report and the ``max_bad_fraction`` check, with ``totals`` summed over the
+        ranks by the caller (default: this process's counters). Returns the report (also kept in
+        :attr:`reports`); :class:`TooManyBadSamplesError` past the limit."""
+        if self.counter is None:
+            return None
+        samples = getattr(self, "_epoch_samples", None)
+        if samples is None:
+            samples = sum(len(b) for b in self.batch_sampler.rank_batches())
+        if totals is not None:  # summed over ranks: so is the epoch's sample count
+            samples = int(totals.get("epoch_samples", samples))
+        self._finish(self.batch_sampler.epoch, samples, final=True, totals=totals)
+        return self.reports[-1]
+
+    def _finish(self, epoch: int, epoch_samples: int, final: bool, totals: Optional[dict] = None) -> None:
         if self.counter is None:
             return
-        totals = self.counter.totals()
-        bad = {k: v for k, v in totals.items() if k in REASONS}
+        totals = totals if totals is not None else self.counter.totals()
+        bad = {k: v for k, v in totals.items() if k in REASONS and v}
         n_bad, seen = sum(bad.values()), totals.get("seen", 0)
         report = {"split": self.name, "epoch": epoch, "seen": seen, "bad": n_bad, "bad_by_reason": bad,
                   "truncated": totals.get("truncated", 0), "epoch_samples": epoch_samples}

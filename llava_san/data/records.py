@@ -38,7 +38,7 @@ def check_record(rec: Any, position: int, path: str) -> int:
                     ok = False
                     break
                 value, role = turn.get("value"), turn.get("from")
-                if type(value) is not str or (role != HUMAN and role != GPT):
+                if type(value) is not str or (role != HUMAN and role != GPT) or not _encodable(value):
                     ok = False
                     break
                 if j + expect >= 0:
@@ -51,11 +51,30 @@ def check_record(rec: Any, position: int, path: str) -> int:
                             break
                         answered = True
                 words += len(value.split())
-            if ok and answered:
+            if ok and answered and (image is None or _encodable(image)):
                 words = max(words, 1)
                 return words if image is not None else -words
     _diagnose(rec, position, path)
     raise AssertionError("unreachable: _diagnose found no problem")  # pragma: no cover
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (JSON can carry lone surrogates, which no tokenizer takes)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unencodable(text: str) -> str:
+    """Where ``text`` stops being encodable: ``"character 12 (U+D800)"``."""
+    for k, ch in enumerate(text):
+        if not _encodable(ch):
+            return f"character {k} (U+{ord(ch):04X})"
+    return "somewhere"  # pragma: no cover
 
 
 def _diagnose(rec: Any, position: int, path: str) -> None:
@@ -81,6 +100,12 @@ def _diagnose(rec: Any, position: int, path: str) -> None:
         if turn.get("from") not in ROLES:
             raise BadSample("unknown_role", f"{loc}: conversations[{j}] has unknown 'from'="
                             f"{turn.get('from')!r}; valid: {list(ROLES)}")
+        if not _encodable(turn["value"]):
+            raise BadSample("unencodable_text", f"{loc}: conversations[{j}] 'value' cannot be encoded as "
+                            f"UTF-8 at {_unencodable(turn['value'])} (a lone surrogate?); fix or drop the record")
+    if image is not None and not _encodable(image):
+        raise BadSample("unencodable_text", f"{loc}: 'image' path cannot be encoded as UTF-8 at "
+                        f"{_unencodable(image)}")
     turns = _alternating(conv, loc)
     if not any(role == GPT for role, _ in turns):
         raise BadSample("no_answer", f"{loc}: no 'gpt' turn, nothing to train")
