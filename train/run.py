@@ -1,6 +1,7 @@
 """``run(cfg) -> metrics``: one training run from a composed config (tests call it directly).
 
-Writes to ``cfg.paths.output_dir``: ``config.yaml`` (resolved), logs (``csv/version_N/`` by default;
+Writes to ``cfg.paths.output_dir``: ``config.yaml`` (resolved; a resume writes ``config.resume-N.yaml``
+instead, and only once its checkpoint was accepted), logs (``csv/version_N/`` by default;
 ``logger=tensorboard|wandb|many``), ``checkpoints/`` (atomic ``last.ckpt``), ``adapter/``
 (``save_adapter`` format), ``metrics.json`` and, with ``export=true``, ``merged/`` (plain transformers
 checkpoint). ``metrics.json`` (also logged to every logger at the last step): ``train/loss_first``,
@@ -29,7 +30,7 @@ from llava_san.checkpoint import (
     resolve_ckpt_path,
     save_final_adapter,
 )
-from llava_san.training import BadSampleReport, MetricsRecorder, write_metrics
+from llava_san.training import BadSampleReport, ConfigAtTrainStart, MetricsRecorder, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,8 @@ def _log_summary(loggers: list, metrics: dict, step: int) -> None:
 def run(cfg: DictConfig) -> dict:
     """Train (or resume), save the adapter, evaluate, export; return the flat metrics dict."""
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)  # fail before any work
+    out.mkdir(parents=True, exist_ok=True)
     threads = cfg.model.get("torch_threads")
     if threads:  # intra-op threads of this process (dataloader workers set their own)
         torch.set_num_threads(int(threads))
@@ -79,7 +79,10 @@ def run(cfg: DictConfig) -> dict:
         optim=instantiate(cfg.optim), data_processor=processor)
 
     recorder, bad_samples = MetricsRecorder(), BadSampleReport()
-    callbacks = _instantiate_all(cfg.get("callbacks")) + [recorder, bad_samples]
+    # the resolved config is written once the checkpoint (if any) has been accepted: a refused resume
+    # leaves the run folder as it was
+    config_file = ConfigAtTrainStart(out, OmegaConf.to_yaml(cfg, resolve=True), resume=ckpt_path is not None)
+    callbacks = _instantiate_all(cfg.get("callbacks")) + [recorder, bad_samples, config_file]
     loggers = _instantiate_all(cfg.get("logger"))
     strategy = instantiate(cfg.strategy)
     extra = {}

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from ..data.errors import REASONS
+from ..utils.atomic import atomic_file
 
 
 class KillAtStep(L.Callback):
@@ -23,6 +24,32 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ConfigAtTrainStart(L.Callback):
+    """Write the run's resolved config when training starts -- after any checkpoint was restored and
+    checked, so a refused command changes nothing in the run folder.
+
+    A fresh run writes ``config.yaml``; a resume writes ``config.resume-N.yaml`` (N = 1, 2, ...) and
+    keeps the first launch's ``config.yaml``, which evaluation rebuilds the base model from.
+    """
+
+    def __init__(self, folder: str | os.PathLike, text: str, resume: bool) -> None:
+        self.folder, self.text, self.resume = os.fspath(folder), text, bool(resume)
+        self.written: Optional[str] = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or self.written is not None:
+            return
+        name = "config.yaml"
+        if self.resume and os.path.exists(os.path.join(self.folder, name)):
+            n = 1
+            while os.path.exists(os.path.join(self.folder, f"config.resume-{n}.yaml")):
+                n += 1
+            name = f"config.resume-{n}.yaml"
+        self.written = os.path.join(self.folder, name)
+        with atomic_file(self.written, "w") as fh:
+            fh.write(self.text)
 
 
 class BadSampleReport(L.Callback):

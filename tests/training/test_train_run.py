@@ -106,3 +106,23 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{name}:{k}")
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_refused_resume_leaves_the_run_folder_unchanged(tmp_path):
+    """A resume refused by the checkpoint checks writes nothing; an accepted one keeps config.yaml and
+    writes config.resume-1.yaml."""
+    run_dir = tmp_path / "run"
+    _run(run_dir, "peft=lora", "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=1")
+    before = _snapshot(run_dir)
+    assert "config.yaml" in before and "metrics.json" in before
+    with pytest.raises(CheckpointMismatchError, match="another model"):
+        _run(run_dir, "peft=dora", "trainer.max_steps=4", "ckpt_path=last")
+    assert _snapshot(run_dir) == before
+    _run(run_dir, "peft=lora", "trainer.max_steps=3", "ckpt_path=last")
+    after = _snapshot(run_dir)
+    assert after["config.yaml"] == before["config.yaml"]
+    assert "max_steps: 3" in after["config.resume-1.yaml"].decode() and "config.resume-2.yaml" not in after
