@@ -156,6 +156,7 @@ def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global
     from safetensors.torch import save_file
 
     from .peft import save_adapter, sync_gamma_ema
+    from .peft.adapter_io import save_extra_only
 
     sync_gamma_ema(model)  # every rank, before anything is written: all ranks then hold the mean γ̄
     # only trainable tensors are saved (γ̄ are buffers, never partitioned); the frozen base is not gathered
@@ -164,10 +165,7 @@ def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global
             return None
         if isinstance(model, PeftModel):
             return save_adapter(model, directory)
-        with atomic_dir(directory) as tmp:
-            trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(trained, str(tmp / "extra_trainable.safetensors"))
-        return Path(directory)
+        return save_extra_only(model, directory)
 
 
 def is_partitioned(model: nn.Module) -> bool:

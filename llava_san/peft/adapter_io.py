@@ -75,9 +75,11 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike) -> Path:
                ((n, base.get_submodule(n).get_base_layer().weight) for n in adapted_module_names(model))}
     manifest = {
         "format": "llava-san-adapter",
-        "version": 1,
+        "version": 2,
+        "kind": "adapter",
         **_fingerprint(model),
         "adapted_shapes": adapted,
+        "lora": _lora_settings(model.peft_config[model.active_adapter]),
         "san": state is not None,
         "extra_trainable": sorted(extra),
     }
@@ -95,6 +97,31 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike) -> Path:
     return Path(directory)
 
 
+def _lora_settings(cfg: LoraConfig) -> dict[str, Any]:
+    """What decides the adapter's arithmetic: an edited ``adapter_config.json`` is caught against it."""
+    targets = cfg.target_modules
+    targets = targets if isinstance(targets, str) else sorted(targets or [])
+    return {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "use_dora": bool(cfg.use_dora),
+            "use_rslora": bool(cfg.use_rslora), "target_modules": targets}
+
+
+def save_extra_only(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write a model's trained tensors without any adapter, atomically, with a manifest of kind
+    ``projector_only`` (``peft=none``: LLaVA's projector) or ``trained_weights`` (``peft=full``: every
+    trained weight). :func:`apply_adapter_folder` loads either."""
+    from .adapters import is_projector_param
+
+    base = base_transformers_model(model)
+    extra = {n: _cpu(p) for n, p in base.named_parameters() if p.requires_grad}
+    kind = "projector_only" if all(is_projector_param(n) for n in extra) else "trained_weights"
+    manifest = {"format": "llava-san-adapter", "version": 2, "kind": kind, **_fingerprint(model),
+                "adapted_shapes": {}, "lora": None, "san": False, "extra_trainable": sorted(extra)}
+    with atomic_dir(directory) as tmp:
+        save_file(extra, str(tmp / EXTRA))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return Path(directory)
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -107,12 +134,52 @@ def _read_json(path: Path) -> dict:
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, each checked finite (NaN/inf refused with its name)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; the adapter folder {path.parent} is incomplete")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ValueError(f"{path} cannot be read as safetensors ({e}); the adapter file is damaged") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {name} holds NaN or inf; the adapter is damaged (or its "
+                             "training diverged) and is not loaded")
+    return tensors
+
+
+def _check_shapes(source: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:
+    """Exactly the expected names, each with exactly the expected shape (no broadcasting)."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model: missing {missing[:3]} ({len(missing)}), "
+                         f"unexpected {unexpected[:3]} ({len(unexpected)})")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, the model expects "
+                             f"{tuple(shape)}")
+
+
+def _lora_config(directory: Path, manifest: dict) -> LoraConfig:
+    """``adapter_config.json`` as a ``LoraConfig``, checked against the manifest's record of it."""
+    path = directory / "adapter_config.json"
+    raw = _read_json(path)
+    try:
+        cfg = LoraConfig.from_pretrained(str(directory))
+        here = _lora_settings(cfg)  # also catches fields peft accepts unchecked (e.g. r="sixteen")
+    except Exception as e:  # peft raises KeyError/TypeError/ValueError on edited fields
+        raise ValueError(f"{path} is not a valid peft LoRA config ({type(e).__name__}: {e}); the adapter "
+                         "folder is damaged") from None
+    if raw.get("peft_type") not in (None, "LORA"):
+        raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r}, expected 'LORA'")
+    recorded = manifest.get("lora")
+    if recorded is not None:
+        changed = {k: (recorded.get(k), here[k]) for k in here if recorded.get(k) != here[k]}
+        if changed:
+            raise ValueError(f"{path} disagrees with {directory / MANIFEST} on "
+                             + ", ".join(f"{k} ({a!r} when saved, {b!r} now)" for k, (a, b) in changed.items())
+                             + ": the config was edited after training; restore it or retrain")
+    return cfg
 
 
 def check_compatible(base_model: nn.Module, directory: str | os.PathLike) -> dict:
@@ -152,29 +219,32 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter folder {directory} does not exist")
     manifest = check_compatible(base_model, directory)
-    lora_config = LoraConfig.from_pretrained(str(directory))
-    san_config = SanConfig.from_dict(_read_json(directory / SAN_CONFIG)) if manifest["san"] else None
-    model = get_san_model(base_model, lora_config, san_config)
-
+    if manifest.get("kind", "adapter") != "adapter":
+        raise ValueError(f"{directory / MANIFEST} is a {manifest['kind']!r} folder, not a LoRA/DoRA adapter: "
+                         "load it with apply_adapter_folder")
+    lora_config = _lora_config(directory, manifest)
+    if manifest["san"]:
+        try:
+            san_config = SanConfig.from_dict(_read_json(directory / SAN_CONFIG))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{directory / SAN_CONFIG} is not a valid SAN config ({type(e).__name__}: {e})") from None
+    else:
+        san_config = None
+    # every tensor is read and checked before the base model is touched
     peft_sd = _load_tensors(directory / PEFT_WEIGHTS)
-    expected = set(get_peft_model_state_dict(model))
-    missing, unexpected = sorted(expected - set(peft_sd)), sorted(set(peft_sd) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{directory / PEFT_WEIGHTS} does not match the adapter config: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
+    san_sd = _load_tensors(directory / SAN_STATE) if san_config is not None else {}
+    model = get_san_model(base_model, lora_config, san_config)
+    _check_shapes(directory / PEFT_WEIGHTS, peft_sd,
+                  {k: v.shape for k, v in get_peft_model_state_dict(model).items()})
     set_peft_model_state_dict(model, peft_sd)
 
     base = base_transformers_model(model)
     if san_config is not None:
         state = get_san_state(model)
-        tensors = _load_tensors(directory / SAN_STATE)
+        _check_shapes(directory / SAN_STATE, san_sd,
+                      {f"{s.name}.san_gamma_ema": s.module.san_gamma_ema.shape for s in state.slots})
         for slot in state.slots:
-            key = f"{slot.name}.san_gamma_ema"
-            if key not in tensors:
-                raise ValueError(f"{directory / SAN_STATE} lacks {key}")
-            slot.module.san_gamma_ema.copy_(tensors[key])
+            slot.module.san_gamma_ema.copy_(san_sd[f"{slot.name}.san_gamma_ema"])
     if manifest.get("extra_trainable"):
         tensors = _load_tensors(directory / EXTRA)
         for param in _copy_into(base, tensors, manifest["extra_trainable"], directory / EXTRA):
@@ -197,14 +267,22 @@ def apply_adapter_folder(model: nn.Module, directory: str | os.PathLike, merge: 
     from .san import merge_san
 
     directory = Path(directory)
-    if (directory / MANIFEST).is_file():
+    if not (directory / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"adapter folder {directory} has no {MANIFEST}: it is incomplete or was not written by llava-san "
+            f"(its files: {sorted(p.name for p in directory.iterdir()) if directory.is_dir() else 'none'}); "
+            "nothing is loaded from it")
+    manifest = check_compatible(model, directory)
+    if manifest.get("kind", "adapter") == "adapter":
         peft_model = load_adapter(model, directory)
         return merge_san(peft_model) if merge else peft_model
+    if manifest["kind"] not in ("projector_only", "trained_weights"):
+        raise ValueError(f"{directory / MANIFEST}: unknown kind {manifest['kind']!r}")
     extra = directory / EXTRA
-    if not extra.is_file():
-        raise FileNotFoundError(f"adapter folder {directory} has neither {MANIFEST} nor {EXTRA}")
     tensors = _load_tensors(extra)
-    _copy_into(model, tensors, list(tensors), extra)
+    _copy_into(model, tensors, list(manifest["extra_trainable"]), extra)
+    if set(tensors) != set(manifest["extra_trainable"]):
+        raise ValueError(f"{extra} holds other tensors than its manifest lists")
     return model
 
 

@@ -257,3 +257,58 @@ def test_eval_config_composes_with_every_model(model, tmp_path):
     assert callable(instantiate(cfg.model.build))  # a partial: nothing is loaded
     assert cfg.paths.output_dir == str(tmp_path) and list(cfg.benchmarks) == ["gqa", "pope"]
     assert cfg.eval_root.endswith("playground/data/eval") and cfg.batch_size == 16 and cfg.merge
+
+
+def _damaged_copy(trained_run, tmp_path, name):
+    import shutil
+
+    copy = tmp_path / name
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("checkpoints", "merged", "csv"))
+    return copy
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_manifest", "has no llava_san_adapter.json"),
+    ("gamma_shape", r"san_gamma_ema has shape \(1,\)"),
+    ("nan", "holds NaN or inf"),
+    ("edited_alpha", r"lora_alpha \(32.0 when saved, 64.0 now\)"),
+    ("bad_json", "adapter_config.json is not valid JSON"),
+    ("bad_field", "not a valid peft LoRA config"),
+])
+def test_a_damaged_adapter_folder_is_refused(trained_run, tmp_path, damage, message):
+    """python -m evaluation on a run whose adapter folder was damaged refuses it, naming the file; it never
+    evaluates a partly loaded model."""
+    from safetensors.torch import load_file, save_file
+
+    run_dir = _damaged_copy(trained_run, tmp_path, damage)
+    adapter = run_dir / "adapter"
+    if damage == "no_manifest":
+        (adapter / "llava_san_adapter.json").unlink()
+    elif damage in ("gamma_shape", "nan"):
+        file = adapter / ("san_state.safetensors" if damage == "gamma_shape" else "adapter_model.safetensors")
+        tensors = load_file(str(file))
+        key = sorted(tensors)[0]
+        tensors[key] = torch.ones(1) if damage == "gamma_shape" else tensors[key].clone().fill_(float("nan"))
+        save_file(tensors, str(file))
+    else:
+        cfg_file = adapter / "adapter_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        if damage == "edited_alpha":
+            cfg["lora_alpha"] = 64
+            cfg_file.write_text(json.dumps(cfg))
+        elif damage == "bad_json":
+            cfg_file.write_text(cfg_file.read_text()[:-20])
+        else:
+            cfg["r"] = "sixteen"
+            cfg_file.write_text(json.dumps(cfg))
+    out = tmp_path / "eval"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run(_cfg(out, f"path={run_dir}", "benchmarks=[easyvqa]", "limit=4", "max_new_tokens=4"))
+    assert not (out / "answers" / "easyvqa.jsonl").exists()
+
+
+def test_projector_only_folder_says_so(tmp_path):
+    none_run = _train(tmp_path / "none", "peft=none", "debug=fast_dev_run")
+    manifest = json.loads((none_run / "adapter" / "llava_san_adapter.json").read_text())
+    assert manifest["kind"] == "projector_only" and manifest["lora"] is None
+    assert all(n.startswith("model.multi_modal_projector.") for n in manifest["extra_trainable"])
