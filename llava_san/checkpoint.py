@@ -89,13 +89,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
-def resolve_ckpt_path(ckpt_path: Optional[str], checkpoint_dir: str | os.PathLike) -> Optional[str]:
+def resolve_ckpt_path(ckpt_path: Optional[str], checkpoint_dir: str | os.PathLike,
+                      deepspeed: Optional[bool] = None) -> Optional[str]:
     """The checkpoint to resume from, or ``None`` to start fresh.
 
     ``None`` → fresh start; ``"last"`` → ``<checkpoint_dir>/last.ckpt`` (a ``NothingToResumeError`` if
     absent: resume the run by pointing ``hydra.run.dir`` at its folder); a folder → its
     ``checkpoints/last.ckpt`` or ``last.ckpt``; a file → itself. A path that does not exist raises.
+    ``deepspeed`` (the run's strategy, when known): a DeepSpeed checkpoint is a folder, any other a file;
+    the wrong kind is refused with a message naming it.
     """
+    resolved = _resolve_ckpt_path(ckpt_path, checkpoint_dir)
+    if resolved is None or deepspeed is None:
+        return resolved
+    p = Path(resolved)
+    is_ds = p.is_dir() and ((p / "checkpoint").is_dir() or any(p.glob("*/mp_rank_*_model_states.pt")))
+    if p.is_dir() and not deepspeed:
+        raise NothingToResumeError(
+            f"checkpoint {p} is a folder ({'a DeepSpeed checkpoint' if is_ds else 'not a checkpoint file'}), "
+            "but this run's strategy is not DeepSpeed: resume with the strategy that wrote it"
+            + ("" if is_ds else ", or remove the folder"))
+    if deepspeed and not is_ds:
+        raise NothingToResumeError(
+            f"checkpoint {p} is not a DeepSpeed checkpoint folder (no 'checkpoint/' inside), but this run "
+            "uses DeepSpeed: resume with the strategy that wrote it")
+    return resolved
+
+
+def _resolve_ckpt_path(ckpt_path: Optional[str], checkpoint_dir: str | os.PathLike) -> Optional[str]:
     if ckpt_path is None or str(ckpt_path).strip() == "":
         return None
     checkpoint_dir = Path(checkpoint_dir)

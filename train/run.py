@@ -60,10 +60,19 @@ def _log_summary(loggers: list, metrics: dict, step: int) -> None:
             lg.experiment.finish()
 
 
+def _check_seed(cfg: DictConfig) -> None:
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r} (set it with seed=<int>)")
+
+
 def run(cfg: DictConfig) -> dict:
     """Train (or resume), save the adapter, evaluate, export; return the flat metrics dict."""
     out = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir)  # fail before any work
+    _check_seed(cfg)
+    deepspeed = "deepspeed" in str(cfg.strategy.get("_target_", "")).lower()
+    # fail before any work or write
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir, deepspeed=deepspeed)
     out.mkdir(parents=True, exist_ok=True)
     threads = cfg.model.get("torch_threads")
     if threads:  # intra-op threads of this process (dataloader workers set their own)

@@ -14,6 +14,7 @@ Resuming mid-epoch is automatic under Lightning (the train loader is stateful an
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import lightning as L
@@ -119,6 +120,11 @@ class LlavaDataModule(L.LightningDataModule):
             tokenization=self.tokenization, image_folder=self.image_folder,
             image_aspect_ratio=self.image_aspect_ratio)
         train_index = self._build_index(self.train_file)
+        if self.image_folder is not None and not os.path.isdir(self.image_folder) and train_index.has_image.any():
+            raise FileNotFoundError(
+                f"image_folder {self.image_folder} does not exist (or is not a folder), and "
+                f"{int(train_index.has_image.sum())} records of {self.train_file} have images relative to it; "
+                "set data.image_folder to the folder holding LLaVA's image layout (coco/, gqa/, ...)")
         val_index = None
         if self.val_file:
             val_index = self._build_index(self.val_file)

@@ -212,10 +212,29 @@ def _scan(path: str) -> Iterator[tuple[int, int, Any]]:
     if first == b"[":
         yield from _scan_array(path, start)
     elif first in (b"{", b""):
+        if first == b"{" and _one_json_object(path, start):
+            raise ValueError(f"{path}: the top level is a JSON object; a records file must be a JSON array "
+                             "of records ([{...}, {...}], as llava_v1_5_mix665k.json) or JSON lines (one "
+                             "record per line)")
         yield from _scan_lines(path, start)
     else:
         raise ValueError(f"{path}: not a JSON array or JSON-lines records file "
                          f"(starts with {first!r})")
+
+
+def _one_json_object(path: str, bom: int, limit: int = 64 << 20) -> bool:
+    """Whether a file that starts with ``{`` is one JSON object (e.g. ``{"data": [...]}``) rather than
+    JSON lines: its first line is not a complete value, or the whole file parses as one object."""
+    with open(path, "rb") as f:
+        f.seek(bom)
+        first = f.readline()
+        rest = f.read(limit)
+    try:
+        obj = json.loads(first)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return True  # an object spread over several lines (pretty-printed)
+    # one line, one object, and not a record: a wrapper such as {"data": [...]}
+    return not rest.strip() and isinstance(obj, dict) and "conversations" not in obj
 
 
 class _Reader:
@@ -289,7 +308,11 @@ def _scan_array(path: str, bom: int) -> Iterator[tuple[int, int, Any]]:
                 pos += 1
                 continue
             try:
-                rec, end = decoder.raw_decode(r.text, pos)
+                try:
+                    rec, end = decoder.raw_decode(r.text, pos)
+                except RecursionError:
+                    raise ValueError(_locate(path, r.byte_at(pos), "a record nested deeper than the JSON "
+                                             "parser allows (Python's recursion limit)")) from None
                 # An object is complete once raw_decode returns; a scalar ending at the chunk end
                 # might continue in the next chunk, so re-read in that case.
                 complete = end < len(r.text) or r.eof
@@ -333,6 +356,9 @@ def _scan_lines(path: str, bom: int) -> Iterator[tuple[int, int, Any]]:
                     raise ValueError(f"{path}: line {lineno}: not valid UTF-8 ({e.reason})") from None
                 try:
                     rec = json.loads(text)
+                except RecursionError:
+                    raise ValueError(f"{path}: line {lineno}: a record nested deeper than the JSON parser "
+                                     "allows (Python's recursion limit)") from None
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}: line {lineno} column {e.colno}: invalid JSON: {e.msg}") \
                         from None

@@ -83,3 +83,31 @@ def test_raise_policy_names_the_record_and_the_error(bad_data, boom):
     (bad_data / "train.json").write_text(json.dumps([r for r in recs if r["id"] != "missing"]))
     with pytest.raises(Exception, match=r"preprocess_error.*id='boom'.*TypeError"):
         run(_cfg(bad_data, "data.on_bad_sample=raise"))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("object_top_level", "the top level is a JSON object; a records file must be a JSON array"),
+    ("deep_nesting", "nested deeper than the JSON parser allows"),
+    ("missing_image_folder", "image_folder .*nowhere does not exist"),
+    ("seed", "seed must be an integer, got 'abc'"),
+    ("last_ckpt_dir", "last.ckpt is a folder"),
+])
+def test_messages_name_the_thing(bad_data, case, message):
+    """Each refusal through run() names the file, folder or key at fault, before the first batch."""
+    from train.run import run
+
+    overrides = []
+    if case == "object_top_level":
+        (bad_data / "train.json").write_text(json.dumps({"data": [{"id": 1}]}, indent=2))
+    elif case == "deep_nesting":
+        (bad_data / "train.json").write_text("[" + "[" * 100000 + "]" * 100000 + "]")
+    elif case == "missing_image_folder":
+        overrides = [f"data.image_folder={bad_data / 'nowhere'}"]
+    elif case == "seed":
+        overrides = ["seed=abc"]
+    else:
+        (bad_data / "run" / "checkpoints" / "last.ckpt").mkdir(parents=True)
+        overrides = ["ckpt_path=last"]
+    with pytest.raises(Exception, match=message):
+        run(_cfg(bad_data, *overrides))
+    assert not (bad_data / "run" / "config.yaml").exists()  # refused before anything was written
