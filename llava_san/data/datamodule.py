@@ -54,6 +54,8 @@ class LlavaDataModule(L.LightningDataModule):
             (``world_size``, ``global_rank``, ``accumulate_grad_batches``), else 1, 0, 1.
         tokenization: ``"llava"`` (LLaVA ``tokenizer_image_token`` semantics) or ``"processor"``.
         image_aspect_ratio: ``"pad"`` (LLaVA-1.5) or ``"crop"``.
+        max_image_pixels: images with more pixels are skipped as ``image_too_large`` (before decoding).
+        image_symlinks_outside: allow image paths that resolve through a symlink outside ``image_folder``.
         max_train_samples, max_val_samples: optional seeded subsets (quick runs).
         pin_memory, persistent_workers, prefetch_factor, pad_to_multiple_of: loader options.
         processor: the model's ``LlavaProcessor`` (tokenizer + CLIP image processor); image size,
@@ -68,6 +70,7 @@ class LlavaDataModule(L.LightningDataModule):
                  world_size: Optional[int] = None, rank: Optional[int] = None,
                  grad_accum: Optional[int] = None,
                  tokenization: str = "llava", image_aspect_ratio: str = "pad",
+                 max_image_pixels: Optional[int] = 40_000_000, image_symlinks_outside: bool = False,
                  max_train_samples: Optional[int] = None, max_val_samples: Optional[int] = None,
                  pin_memory: bool = False, persistent_workers: bool = False,
                  prefetch_factor: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
@@ -95,6 +98,8 @@ class LlavaDataModule(L.LightningDataModule):
         self.world_size, self.rank, self.grad_accum = world_size, rank, grad_accum
         self.tokenization = tokenization
         self.image_aspect_ratio = image_aspect_ratio
+        self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
+        self.image_symlinks_outside = bool(image_symlinks_outside)
         self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
         self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
         self.prefetch_factor, self.pad_to_multiple_of = prefetch_factor, pad_to_multiple_of
@@ -118,7 +123,8 @@ class LlavaDataModule(L.LightningDataModule):
         preprocessor = LlavaPreprocessor.from_processor(
             self.processor, template=self.template, model_max_length=self.model_max_length,
             tokenization=self.tokenization, image_folder=self.image_folder,
-            image_aspect_ratio=self.image_aspect_ratio)
+            image_aspect_ratio=self.image_aspect_ratio, max_image_pixels=self.max_image_pixels,
+            symlinks_outside=self.image_symlinks_outside)
         train_index = self._build_index(self.train_file)
         if self.image_folder is not None and not os.path.isdir(self.image_folder) and train_index.has_image.any():
             raise FileNotFoundError(

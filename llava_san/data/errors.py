@@ -19,6 +19,8 @@ INDEX_REASONS = (
 # Problems found when a sample is prepared (in the dataloader workers).
 RUNTIME_REASONS = (
     "missing_image",  # image file does not exist
+    "unsafe_image_path",  # an image path that leaves image_folder (absolute, "..", or a symlink outside)
+    "image_too_large",  # more decoded pixels than max_image_pixels
     "corrupt_image",  # unreadable / truncated image file
     "unsupported_image",  # an image mode that cannot be converted to RGB
     "template_mismatch",  # e.g. the ``plain`` template on a multi-turn or text-only record

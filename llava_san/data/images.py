@@ -31,7 +31,13 @@ class ImageLoadError(ValueError):
         return (type(self), (self.reason, str(self)))
 
 
-def load_image(path: str) -> Image.Image:
+#: Default cap on decoded pixels per image (40 MP: 8000 x 5000); a 144 MP file would decode to 432 MB.
+MAX_IMAGE_PIXELS = 40_000_000
+#: Longest side an image keeps before padding to a square (see :func:`process_image`).
+PAD_LIMIT = 2048
+
+
+def load_image(path: str, max_pixels: Optional[int] = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open ``path`` fully and return an RGB ``PIL.Image``.
 
     Like LLaVA's ``Image.open(path).convert('RGB')`` (so the pixels match), but every failure is a
@@ -47,6 +53,10 @@ def load_image(path: str) -> Image.Image:
             # "Palette images with Transparency expressed in bytes should be converted to RGBA"
             warnings.simplefilter("ignore", UserWarning)
             with Image.open(path) as img:
+                w, h = img.size  # from the header: nothing decoded yet
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageLoadError("image_too_large", f"image {path} is {w} x {h} = {w * h / 1e6:.1f} MP, "
+                                         f"over max_image_pixels={max_pixels / 1e6:.1f} MP (data.max_image_pixels)")
                 img.load()  # decode now: truncated files fail here, with the path in the message
                 mode = img.mode
                 if mode in _DIRECT_MODES:
@@ -98,7 +108,7 @@ def background_color(image_mean: Sequence[float]) -> tuple[int, ...]:
 
 
 def process_image(img: Image.Image, image_processor, aspect_ratio: str = "pad",
-                  fill: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+                  fill: Optional[tuple[int, ...]] = None, pad_limit: int = PAD_LIMIT) -> torch.Tensor:
     """LLaVA-1.5 image preprocessing: pad to square (``"pad"``) then the CLIP image processor.
 
     Args:
@@ -108,11 +118,20 @@ def process_image(img: Image.Image, image_processor, aspect_ratio: str = "pad",
         aspect_ratio: ``"pad"`` (LLaVA-1.5, ``image_aspect_ratio=pad``) or ``"crop"`` (CLIP's own
             resize + centre crop, LLaVA's default for other versions).
         fill: padding colour; defaults to :func:`background_color` of the processor's mean.
+        pad_limit: longest side kept before padding (larger images are shrunk to it first).
 
     Returns:
         ``(3, H, W)`` float32 tensor at the processor's crop size (336 x 336 for LLaVA-1.5).
     """
     if aspect_ratio == "pad":
+        if max(img.size) > pad_limit:
+            # LLaVA pads first, then CLIP resizes the square to 336: a 10000 x 10 image would allocate a
+            # 10000 x 10000 canvas (300 MB). Above pad_limit the image is first shrunk (bicubic, aspect kept)
+            # to a long side of pad_limit; below it the pixels are LLaVA's exactly. The two-step resize
+            # differs from LLaVA's by at most a few intensity levels (tests/data/test_data_images.py).
+            scale = pad_limit / max(img.size)
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                             Image.Resampling.BICUBIC)
         img = expand2square(img, fill if fill is not None else background_color(image_processor.image_mean))
     elif aspect_ratio != "crop":
         raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got {aspect_ratio!r}")

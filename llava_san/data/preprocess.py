@@ -14,7 +14,7 @@ import torch
 
 from ..conversation import get_template
 from .errors import BadSample, where
-from .images import ImageLoadError, background_color, load_image, process_image
+from .images import MAX_IMAGE_PIXELS, ImageLoadError, background_color, load_image, process_image
 from .records import normalize_turns
 from .tokenize import IGNORE_INDEX, Encoded, PieceEncoder, image_token_count
 
@@ -32,6 +32,9 @@ class LlavaPreprocessor:
         tokenization: ``"llava"`` or ``"processor"`` (see :mod:`llava_san.data.tokenize`).
         image_folder: root that record ``image`` paths are relative to.
         image_aspect_ratio: ``"pad"`` (LLaVA-1.5) or ``"crop"``.
+        max_image_pixels: an image with more pixels is skipped (``image_too_large``) before decoding.
+        symlinks_outside: allow image paths that resolve, through a symlink, outside ``image_folder``
+            (absolute paths and ``..`` are always refused: ``unsafe_image_path``).
 
     A sample is ``{"input_ids": LongTensor (T,), "labels": LongTensor (T,), "pixel_values":
     FloatTensor (3, H, W) or None, "truncated": bool}``.
@@ -39,7 +42,8 @@ class LlavaPreprocessor:
 
     def __init__(self, tokenizer, image_processor=None, *, image_token_id: int, image_tokens: int,
                  template: str = "vicuna_v1", model_max_length: int = 2048, tokenization: str = "llava",
-                 image_folder: Optional[str] = None, image_aspect_ratio: str = "pad"):
+                 image_folder: Optional[str] = None, image_aspect_ratio: str = "pad",
+                 max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS, symlinks_outside: bool = False):
         if image_aspect_ratio not in ("pad", "crop"):
             raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got {image_aspect_ratio!r}")
         if model_max_length <= 0:
@@ -51,6 +55,9 @@ class LlavaPreprocessor:
         self.model_max_length = int(model_max_length)
         self.image_folder = None if image_folder is None else os.fspath(image_folder)
         self.image_aspect_ratio = image_aspect_ratio
+        self.max_image_pixels = max_image_pixels
+        self.symlinks_outside = bool(symlinks_outside)
+        self._real_folder = None if self.image_folder is None else os.path.realpath(self.image_folder)
         self.fill = background_color(image_processor.image_mean) if image_processor is not None else None
 
     @classmethod
@@ -99,9 +106,22 @@ class LlavaPreprocessor:
 
     # ------------------------------------------------------------------ full sample
     def image_path(self, rec: dict) -> str:
-        """Absolute path of the record's image (``image_folder / image``)."""
+        """Path of the record's image (``image_folder / image``); ``ValueError`` if it leaves the folder:
+        an absolute path, ``..``, or (unless ``symlinks_outside``) a symlink pointing outside."""
         image = rec["image"]
-        return image if self.image_folder is None else os.path.join(self.image_folder, image)
+        if self.image_folder is None:
+            return image
+        parts = image.replace("\\", "/").split("/")
+        if os.path.isabs(image) or ".." in parts:
+            raise ValueError(f"image path {image!r} leaves image_folder {self.image_folder} "
+                             "(absolute or '..'); record image paths are relative to it")
+        full = os.path.join(self.image_folder, image)
+        if not self.symlinks_outside:
+            real = os.path.realpath(full)
+            if os.path.commonpath([real, self._real_folder]) != self._real_folder:
+                raise ValueError(f"image {full} resolves to {real}, outside image_folder {self.image_folder} "
+                                 "(a symlink); set data.image_symlinks_outside=true to allow it")
+        return full
 
     def __call__(self, rec: dict, position: int = 0, path: str = "<memory>") -> dict[str, Any]:
         """Prepare one sample. Raises :class:`BadSample` (reason + message naming id and file)."""
@@ -111,9 +131,12 @@ class LlavaPreprocessor:
         if has_image:
             if self.image_processor is None:
                 raise ValueError("an image record needs an image_processor")
-            image_file = self.image_path(rec)
             try:
-                img = load_image(image_file)
+                image_file = self.image_path(rec)
+            except ValueError as e:
+                raise BadSample("unsafe_image_path", f"{where(rec.get('id'), position, path)}: {e}") from None
+            try:
+                img = load_image(image_file, self.max_image_pixels)
             except ImageLoadError as e:
                 raise BadSample(e.reason, f"{where(rec.get('id'), position, path)}: {e}") from None
             pixel_values = process_image(img, self.image_processor, self.image_aspect_ratio, self.fill)

@@ -119,3 +119,24 @@ def test_load_image_errors_name_the_file(tmp_path):
     with pytest.raises(ImageLoadError) as e:
         load_image(str(tmp_path / "garbage.png"))
     assert e.value.reason == "corrupt_image" and "garbage.png" in str(e.value)
+
+
+@pytest.mark.parametrize("size", [(3000, 1000), (1000, 4000), (10000, 10), (2500, 2500)])
+def test_large_images_are_shrunk_before_padding_within_tolerance(size):
+    """Above PAD_LIMIT the image is shrunk before padding (no 10000 x 10000 canvas); the pixels stay within
+    12 intensity levels of LLaVA's pad-then-resize (0.5 on average); at or below it they are LLaVA's."""
+    from transformers import CLIPImageProcessor
+
+    from llava_san.data.images import process_image
+
+    ip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    w, h = size
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (max(h // 50, 2), max(w // 50, 2), 3), dtype=np.uint8))
+    img = small.resize((w, h), Image.Resampling.BILINEAR)
+    llava = process_image(img, ip, "pad", pad_limit=10**9)
+    ours = process_image(img, ip, "pad")
+    levels = (llava - ours).abs() * torch.tensor(ip.image_std).view(3, 1, 1) * 255
+    assert float(levels.max()) <= 12 and float(levels.mean()) <= 0.5
+    small_img = img.resize((w // 5, h // 5)) if max(w, h) // 5 <= 2048 else img.resize((400, 200))
+    assert torch.equal(process_image(small_img, ip, "pad"), process_image(small_img, ip, "pad", pad_limit=10**9))

@@ -111,3 +111,28 @@ def test_messages_name_the_thing(bad_data, case, message):
     with pytest.raises(Exception, match=message):
         run(_cfg(bad_data, *overrides))
     assert not (bad_data / "run" / "config.yaml").exists()  # refused before anything was written
+
+
+def test_image_paths_stay_inside_the_folder_and_large_images_are_capped(bad_data):
+    """Through run(): an absolute path, '..', a symlink leading outside and an over-large image are named
+    skips; a 10000 x 10 image trains (shrunk before padding, no 10000 x 10000 canvas)."""
+    from train.run import run
+
+    outside = bad_data / "outside.png"
+    Image.new("RGB", (8, 8), "red").save(outside)
+    (bad_data / "images" / "link.png").symlink_to(outside)
+    Image.new("RGB", (10000, 10), "blue").save(bad_data / "images" / "wide.png")
+    Image.new("RGB", (400, 400), "green").save(bad_data / "images" / "big.png")
+    recs = [{"id": f"ok{i}", "image": "a.png", "conversations": _conv(f"what is {i}?", "red")} for i in range(9)]
+    for rid, image in [("abs", str(outside)), ("dotdot", "../outside.png"), ("link", "link.png"),
+                       ("big", "big.png"), ("wide", "wide.png")]:
+        recs.append({"id": rid, "image": image, "conversations": _conv("q?", "blue")})
+    (bad_data / "train.json").write_text(json.dumps(recs))
+    run(_cfg(bad_data, "data.max_image_pixels=120000", "trainer.max_steps=2"))
+    saved = json.loads((bad_data / "run" / "metrics.json").read_text())
+    assert saved["data/skipped_unsafe_image_path"] == 3 and saved["data/skipped_image_too_large"] == 1
+    assert saved["data/skipped"] == 4  # "wide" trained
+    run(_cfg(bad_data, "data.max_image_pixels=120000", "trainer.max_steps=2", "data.image_symlinks_outside=true",
+             f"paths.output_dir={bad_data / 'run2'}"))
+    saved = json.loads((bad_data / "run2" / "metrics.json").read_text())
+    assert saved["data/skipped_unsafe_image_path"] == 2  # the symlink is allowed now
