@@ -89,6 +89,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
+def tidy_checkpoint_dir(checkpoint_dir: str | os.PathLike, resume_from: Optional[str]) -> list[Path]:
+    """Before a run starts: remove the temporaries of writes a killed run left half-done, and, when
+    continuing the run from its own ``last.ckpt``, the step checkpoints written after it (a killed run's
+    future, which ``save_top_k`` no longer tracks). Never the checkpoint being resumed, never ``last.ckpt``."""
+    from .utils.atomic import remove_stale_temporaries
+
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    removed = remove_stale_temporaries(folder)
+    last = folder / LAST
+    # only when continuing the run itself: resuming from an older checkpoint on purpose keeps the later ones
+    if resume_from is not None and last.is_file() and Path(resume_from).resolve() == last.resolve():
+        step = torch.load(resume_from, map_location="cpu", weights_only=True).get("global_step")
+        for p in folder.glob("step*.ckpt"):
+            digits = p.stem[len("step"):]
+            if p.is_file() and digits.isdigit() and step is not None and int(digits) > int(step) \
+                    and p.resolve() != Path(resume_from).resolve():
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
 def resolve_ckpt_path(ckpt_path: Optional[str], checkpoint_dir: str | os.PathLike,
                       deepspeed: Optional[bool] = None) -> Optional[str]:
     """The checkpoint to resume from, or ``None`` to start fresh.

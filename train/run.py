@@ -29,6 +29,7 @@ from llava_san.checkpoint import (
     is_partitioned,
     resolve_ckpt_path,
     save_final_adapter,
+    tidy_checkpoint_dir,
 )
 from llava_san.training import BadSampleReport, ConfigAtTrainStart, MetricsRecorder, write_metrics
 
@@ -74,6 +75,8 @@ def run(cfg: DictConfig) -> dict:
     # fail before any work or write
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.checkpoint_dir, deepspeed=deepspeed)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in tidy_checkpoint_dir(cfg.paths.checkpoint_dir, ckpt_path):
+        log.info("removed %s (left by an interrupted run)", stale)
     threads = cfg.model.get("torch_threads")
     if threads:  # intra-op threads of this process (dataloader workers set their own)
         torch.set_num_threads(int(threads))

@@ -1,4 +1,6 @@
-"""Atomic writes: a reader never sees a half-written file or folder, and a failure leaves nothing behind."""
+"""Atomic writes: a reader never sees a half-written file or folder, and a failure leaves nothing behind.
+Files and folders get the modes the process umask gives a plain ``open``/``mkdir`` (not ``mkstemp``'s 0600).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +9,23 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_tree(folder: Path, mask: int) -> None:
+    """Give a temporary folder (``mkdtemp``: 0700) and its files the modes a plain ``mkdir``/``open``
+    would have had under ``mask`` -- so a team sharing a cluster can read each other's outputs."""
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
 @contextlib.contextmanager
@@ -20,6 +39,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _chmod_tree(tmp, _umask())
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -45,8 +65,23 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs) -> It
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask as open() would
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete what :func:`atomic_file`/:func:`atomic_dir` leave behind when a process is killed mid-write
+    (``.<name>.tmp-*`` and ``.<name>.old-*`` beside their targets); never a finished file. Call only
+    when no other process writes into ``folder``. Returns what was removed."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp-*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        removed.append(p)
+    for p in Path(folder).glob(".*.old-*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        removed.append(p)
+    return removed

@@ -126,3 +126,24 @@ def test_refused_resume_leaves_the_run_folder_unchanged(tmp_path):
     after = _snapshot(run_dir)
     assert after["config.yaml"] == before["config.yaml"]
     assert "max_steps: 3" in after["config.resume-1.yaml"].decode() and "config.resume-2.yaml" not in after
+
+
+def test_resume_tidies_the_checkpoint_folder_and_outputs_honour_the_umask(tmp_path):
+    """A killed run's temporaries and its step checkpoints past last.ckpt are removed when the run is
+    continued (save_top_k=1 then holds); files and folders the run writes get the umask's modes."""
+    import shutil
+
+    old = os.umask(0o022)
+    try:
+        run_dir = tmp_path / "run"
+        _run(run_dir, "peft=lora", "trainer.max_steps=2", "callbacks.model_checkpoint.every_n_train_steps=1")
+        ckpts = run_dir / "checkpoints"
+        shutil.copy(ckpts / "step000002.ckpt", ckpts / "step000005.ckpt")  # written after last.ckpt, then killed
+        (ckpts / ".last.ckpt.tmp-x1y2").write_bytes(b"half a checkpoint")
+        _run(run_dir, "peft=lora", "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=1",
+             "ckpt_path=last")
+        assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step000003.ckpt"]
+        for p in [run_dir / "adapter", *(run_dir / "adapter").iterdir(), ckpts / "last.ckpt", run_dir / "metrics.json"]:
+            assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
+    finally:
+        os.umask(old)
