@@ -39,7 +39,7 @@ from evaluation.benchmarks.base import (
     mean,
     result,
 )
-from evaluation.files import DataFileError
+from evaluation.files import DataFileError, check_utf8
 from evaluation.xlsx import write_xlsx
 
 NAME = "mmbench"
@@ -90,6 +90,7 @@ def read_table(path: str | os.PathLike) -> Table:
     ``image`` naming another row's index, as in deduplicated TSVs) are resolved."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     path = Path(path)
+    check_utf8(path)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t")
         header = list(reader.fieldnames or [])
@@ -329,6 +330,12 @@ def score_files(
     answer_list = as_answers(answers)
     table = _table(tsv)
     out = None
+    if "answer" in table.header:
+        empty = [r for r in table.rows if is_none(r.get("answer")) or not str(r.get("answer")).strip()]
+        if empty and len(empty) < len(table.rows):  # a dev TSV with holes: score nothing rather than part
+            where = f"{tsv}:{empty[0].get('_line', '?')}" if isinstance(tsv, (str, os.PathLike)) else "the TSV"
+            raise DataFileError(f"{where}: row index={empty[0]['index']} has an empty 'answer' cell "
+                                f"({len(empty)} of {len(table.rows)} rows); fill it or drop the row")
     if "answer" in table.header and all(r.get("answer") is not None for r in table.rows):
         out = score(answer_list, table, allow_missing=allow_missing, allow_unknown=allow_unknown)
     if submission is not False:

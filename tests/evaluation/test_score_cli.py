@@ -175,3 +175,23 @@ def test_generation_round_trip(tmp_path):
     }
     result = score_benchmark("easyvqa", out, questions=qfile, annotations=ann)
     assert result["accuracy"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("latin1_answers", r"answers\.jsonl:2: not valid UTF-8"),
+    ("surrogate_answers", r"answers\.jsonl:1: text that cannot be encoded as UTF-8"),
+    ("latin1_annotations", r"ann\.json:1: not valid UTF-8"),
+])
+def test_cli_bad_encodings_name_file_and_line(tmp_path, capsys, damage, message):
+    ann, a = _easyvqa(tmp_path, [])
+    if damage == "latin1_answers":
+        a.write_bytes(b'{"question_id": "0", "text": "red"}\n{"question_id": "1", "text": "caf\xe9"}\n')
+    elif damage == "surrogate_answers":
+        a.write_text('{"question_id": "0", "text": "red \\ud800"}\n')
+    else:
+        ann.write_bytes(ann.read_bytes().replace(b'"', b'"\xe9', 1))
+    rc = main(["easyvqa", "--answers", str(a), "--annotations", str(ann)])
+    out = capsys.readouterr()
+    import re
+
+    assert rc == 1 and out.out == "" and re.search(message, out.err), out.err

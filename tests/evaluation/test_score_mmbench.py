@@ -217,3 +217,19 @@ def test_test_split_without_answers_only_writes_submission(tmp_path):
         ["index", "question", "A", "B", "prediction"],
         [0, "Q?", "x", "y", "A"],
     ]
+
+
+def test_an_empty_answer_cell_is_named_not_silently_unscored(tmp_path, capsys):
+    """A dev TSV with one empty 'answer' cell: python -m evaluation.score exits 1 naming file and line."""
+    from evaluation.score import main
+
+    tsv, ans = _files(tmp_path)
+    lines = tsv.read_text().splitlines()
+    header = lines[0].split("\t")
+    cells = lines[3].split("\t")
+    cells[header.index("answer")] = ""
+    lines[3] = "\t".join(cells)
+    tsv.write_text("\n".join(lines) + "\n")
+    rc = main(["mmbench", "--answers", str(ans), "--annotations", str(tsv)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{tsv}:4" in err and "empty 'answer' cell" in err
