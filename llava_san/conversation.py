@@ -116,7 +116,8 @@ class Template:
         ``turns`` must already be normalised (see :func:`llava_san.data.records.normalize_turns`):
         alternating ``human``/``gpt`` starting with ``human``, with ``<image>`` (if any) at the
         front of the first human turn. Only assistant answers and the separator that ends them are
-        trained. The concatenated texts equal the rendered conversation:
+        trained; an empty answer renders as LLaVA renders it (the bare role, no separator) and a
+        whitespace-only one is rendered but masked. The concatenated texts equal the rendered conversation:
 
         * ``vicuna_v1``: ``render(turns)``; the space between ``"ASSISTANT:"`` and the answer
           belongs to the answer, because a LLaMA tokenizer emits it as the ``"▁"`` of the answer's
@@ -136,12 +137,13 @@ class Template:
                 else:
                     out.append(Piece(role + ":", False))
             else:  # assistant: "ASSISTANT:" masked, " <answer>" and "</s>" trained
+                out.append(Piece(role + ":", False))
                 if message:
-                    out.append(Piece(role + ":", False))
-                    out.append(Piece(" " + message, True))
-                    out.append(Piece(self.sep2, True, "sep"))
-                else:
-                    out.append(Piece(role + ":", False))
+                    # a whitespace-only answer is rendered as LLaVA renders it (same ids) but not trained;
+                    # an empty one renders the bare role with no "</s>", as LLaVA's get_prompt
+                    trained = bool(message.strip())
+                    out.append(Piece(" " + message, trained))
+                    out.append(Piece(self.sep2, trained, "sep"))
         return _merge(out)
 
     def _plain_pieces(self, turns: Sequence[tuple[str, str]]) -> list[Piece]:

@@ -12,7 +12,7 @@ INDEX_REASONS = (
     "missing_conversations",  # no / empty ``conversations``
     "unknown_role",  # a turn whose ``from`` is not human / gpt
     "bad_turn_order",  # turns do not alternate human, gpt, human, ...
-    "empty_answer",  # a gpt turn with an empty (or whitespace-only) value
+    "empty_answer",  # every gpt turn is empty or whitespace-only (a single empty one is only masked)
     "no_answer",  # no gpt turn at all: nothing could be trained
     "unencodable_text",  # a string no tokenizer can take (e.g. a lone UTF-16 surrogate, legal in JSON)
 )

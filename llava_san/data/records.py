@@ -45,10 +45,7 @@ def check_record(rec: Any, position: int, path: str) -> int:
                     if role != ROLES[(j + expect) % 2]:
                         ok = False
                         break
-                    if role == GPT:
-                        if not value.strip():
-                            ok = False
-                            break
+                    if role == GPT and value.strip():  # an empty answer is masked, like LLaVA's
                         answered = True
                 words += len(value.split())
             if ok and answered and (image is None or _encodable(image)):
@@ -109,9 +106,8 @@ def _diagnose(rec: Any, position: int, path: str) -> None:
     turns = _alternating(conv, loc)
     if not any(role == GPT for role, _ in turns):
         raise BadSample("no_answer", f"{loc}: no 'gpt' turn, nothing to train")
-    for j, (role, value) in enumerate(turns):
-        if role == GPT and not value.strip():
-            raise BadSample("empty_answer", f"{loc}: answer turn {j} is empty")
+    if not any(role == GPT and value.strip() for role, value in turns):
+        raise BadSample("empty_answer", f"{loc}: every answer turn is empty (or whitespace), nothing to train")
 
 
 def _alternating(conv: list, loc: str) -> list[tuple[str, str]]:

@@ -274,3 +274,30 @@ def test_image_placeholder_normalisation(processor):
                                              {"from": "gpt", "value": "a tag"}]}
     enc, has_image = pre.encode_record(rec3)
     assert not has_image and processor.image_token_id not in enc.input_ids
+
+
+@pytest.mark.parametrize("mode", ["llava", "processor"])
+def test_empty_and_blank_answers_are_masked_not_the_record(processor, mode):
+    """A multi-turn record with an empty and a whitespace-only answer keeps its other turns: the ids are
+    LLaVA's rendering (an empty answer is the bare "ASSISTANT:", no "</s>"), only the real answer is
+    trained; a record whose every answer is empty is skipped."""
+    tok = processor.tokenizer
+    rec = {"id": "holes", "image": "img.png", "conversations": [
+        {"from": "human", "value": "<image>\nfirst?"}, {"from": "gpt", "value": ""},
+        {"from": "human", "value": "second?"}, {"from": "gpt", "value": "   "},
+        {"from": "human", "value": "third?"}, {"from": "gpt", "value": "blue"}]}
+    pre = LlavaPreprocessor.from_processor(processor, tokenization=mode)
+    enc, _ = pre.encode_record(rec)
+    turns, _ = normalize_turns(rec, 0, "f")
+    rendered = get_template("vicuna_v1").render(turns)
+    assert "ASSISTANT:USER: second? ASSISTANT:    </s>USER: third? ASSISTANT: blue</s>" in rendered
+    if mode == "llava":
+        assert enc.input_ids == expand(llava_tokenizer_image_token(rendered, tok, processor.image_token_id),
+                                       processor.image_token_id, 16)
+    else:
+        assert enc.input_ids == processor(text=[rendered], images=[Image.new("RGB", (64, 64))]).input_ids[0]
+    assert [tok.decode(s) for s in trained_spans(enc.input_ids, enc.labels)] == ["blue</s>"]
+    empty = dict(rec, conversations=rec["conversations"][:4])
+    with pytest.raises(BadSample, match="every answer turn is empty") as err:
+        pre.encode_record(empty)
+    assert err.value.reason == "empty_answer"
