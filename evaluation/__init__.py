@@ -1,4 +1,4 @@
-"""Evaluation of llava-san models exactly as LLaVA-1.5 evaluates (``../shared/BENCHMARKS.md``).
+"""Evaluation of llava-san models exactly as LLaVA-1.5 evaluates (``docs/benchmarks.md``).
 
 * :mod:`evaluation.benchmarks` -- one module per benchmark (question readers with LLaVA's prompts,
   scorers, submission writers) and the registry ``get_benchmark(name)``;

@@ -1,6 +1,6 @@
 """Answer normalisation and the VQA soft accuracy, as the official tools compute them.
 
-Two normalisers exist upstream (``BENCHMARKS.md`` section 0):
+Two normalisers exist upstream (``docs/benchmarks.md`` section 0):
 
 * **Normaliser A** -- :func:`normalize_vqa`: ``processPunctuation`` then ``processDigitArticle`` of the
   official VQA evaluation (``vqaEval.py``). Also the first two steps of the VizWiz evaluation.

@@ -44,7 +44,7 @@ __all__ = [
 SCHEMA = "llava-san/report/v1"
 REFERENCE_SOURCE = "paper: SAN, Table 3 (LLaVA-1.5-7B)"
 
-#: ``../shared/SAN_SPEC.md`` section 5, as printed (``avg`` is the paper's own column).
+#: ``docs/san.md`` §5, as printed (``avg`` is the paper's own column).
 REFERENCE_ROWS: tuple[dict[str, Any], ...] = tuple(
     {
         "name": name,

@@ -190,7 +190,7 @@ def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global
     """Save the trained adapter of ``model`` in :func:`llava_san.peft.save_adapter` format.
 
     Call on every rank, after training: γ̄ is averaged across the data-parallel ranks first
-    (``SAN_SPEC`` §4; :func:`llava_san.peft.sync_gamma_ema` is a no-op on one process), then the trained
+    (``docs/san.md`` §4; :func:`llava_san.peft.sync_gamma_ema` is a no-op on one process), then the trained
     parameters are gathered (ZeRO-3 partitions them; a collective) and rank 0 writes. Saving the
     partitioned placeholders instead is LLaVA's known ZeRO-3 failure (empty tensors in the adapter);
     ``save_adapter`` refuses such a tensor. A model without adapter (``peft=none``) saves its trained

@@ -3,7 +3,7 @@
 Each module follows the protocol described in :mod:`evaluation.benchmarks.base` (question reader,
 scorer, submission writer). Modules are imported on first use.
 
-Where the tools disagree (``BENCHMARKS.md`` section 8) every scorer follows the LLaVA-1.5 pipeline:
+Where the tools disagree (``docs/benchmarks.md`` section 8) every scorer follows the LLaVA-1.5 pipeline:
 
 =========  ===============================================================================
 VQAv2      Normaliser B on the prediction, then vqaEval (A on both only when the gt is not

@@ -3,7 +3,7 @@
 Questions: LLaVA's ``llava_gqa_testdev_balanced.jsonl``, or the official
 ``testdev_balanced_questions.json`` (prompt = question + short-answer suffix, image ``<imageId>.jpg``).
 
-Scoring (BENCHMARKS.md section 2): LLaVA's ``convert_gqa_for_eval.py`` turns each output into
+Scoring (docs/benchmarks.md section 2): LLaVA's ``convert_gqa_for_eval.py`` turns each output into
 ``text.rstrip('.').lower()`` (the only normalisation), then the official ``eval.py`` compares it with
 ``answer`` by exact string match, over questions with ``isBalanced``. ``open`` = questions whose
 ``types.structural == "query"``, ``binary`` = the others. Answers to non-balanced questions of the

@@ -8,7 +8,7 @@ option's letter from the given choices directly."; options stop at the first emp
 are read as pandas' ``read_table`` would (its default NA strings: ``""``, ``"NA"``, ``"None"``,
 ``"nan"``...), and LLaVA's ``is_none`` also treats any-case ``nan``/``none`` as empty.
 
-Scoring (``BENCHMARKS.md`` section 7): the 2023 ``can_infer`` (bare letter A-E with the "A might be a
+Scoring (``docs/benchmarks.md`` section 7): the 2023 ``can_infer`` (bare letter A-E with the "A might be a
 quantifier" guard, then the ``X.``/``(X)``/``:X`` forms, then a unique option text contained in the
 prediction). The official ChatGPT fallback cannot run offline; an unparsed row scores 0 (VLMEvalKit
 ``exact_matching``). A base question counts only if **every** row of its group (``index % 1e6``)

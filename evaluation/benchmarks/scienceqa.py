@@ -9,7 +9,7 @@ Questions: LLaVA's ``llava_test_CQM-A.json`` (a json list with ``id``, optional 
 ``model_vqa_science --single-pred-prompt`` appends "Answer with the option's letter from the given
 choices directly." and puts the image first; the saved prompt keeps ``<image>\\n`` in front.
 
-Scoring (``BENCHMARKS.md`` section 4, LLaVA's ``eval_science_qa.py``): the letter is the whole text
+Scoring (``docs/benchmarks.md`` section 4, LLaVA's ``eval_science_qa.py``): the letter is the whole text
 if it is one of A-E; else ``text[0]`` when ``text[1:3] == ". "``; else the single match of
 ``r'The answer is ([A-Z]).'`` (exactly one match, else FAILED). A letter beyond the problem's
 choices, FAILED and a missing answer count as wrong. ``accuracy`` is over all problems of the split,

@@ -5,7 +5,7 @@ and ``text`` is ``"<question>\\nReference OCR token: tok1, tok2, ...\\nAnswer th
 single word or phrase."`` (kept verbatim: the OCR tokens are part of the prompt). :func:`build_prompt`
 makes the same string from a question and its OCR tokens.
 
-Scoring (``BENCHMARKS.md`` section 5): like LLaVA's ``eval_textvqa.py``, an answer is joined to its
+Scoring (``docs/benchmarks.md`` section 5): like LLaVA's ``eval_textvqa.py``, an answer is joined to its
 annotation by ``(question_id, question recovered from the saved prompt, lower-cased)`` against
 ``(image_id, question.lower())`` -- the last annotation wins when a pair repeats, as in LLaVA's dict.
 The m4c ``TextVQAAccuracyEvaluator`` applies Normaliser B to the prediction and all gt answers and

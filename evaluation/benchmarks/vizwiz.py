@@ -4,7 +4,7 @@ Questions: LLaVA's ``llava_test.jsonl`` (``question_id``, ``image``, ``text`` = 
 "Unanswerable" instruction + short-answer suffix), or an official ``val.json``/``test.json`` list
 (``question_id`` = position in the list, prompts built as LLaVA's).
 
-Scoring (``BENCHMARKS.md`` section 3, LLaVA pipeline): ``convert_vizwiz_for_submission.py`` applies
+Scoring (``docs/benchmarks.md`` section 3, LLaVA pipeline): ``convert_vizwiz_for_submission.py`` applies
 Normaliser B to the prediction; the official VizWiz evaluation then applies Normaliser A to the
 prediction only and compares it with the **raw** gt answers (soft accuracy, leave-one-out by
 annotator index, no unanimity rule). Answers are joined to ``val.json`` through the question's

@@ -4,7 +4,7 @@ Questions: LLaVA's ``llava_vqav2_mscoco_test-dev2015.jsonl`` (``question_id``, `
 question + short-answer suffix), or an official ``v2_OpenEnded_mscoco_<split>_questions.json`` from
 which the same prompts are built (``image`` = ``COCO_<data_subtype>_<image_id:012d>.jpg``).
 
-Scoring (``convention="llava"``, the default -- BENCHMARKS.md section 1): LLaVA's
+Scoring (``convention="llava"``, the default -- docs/benchmarks.md section 1): LLaVA's
 ``convert_vqav2_for_submission.py`` applies Normaliser B to the prediction; the server's
 ``vqaEval.py`` then strips it and the gt answers, applies Normaliser A to both **only when the 10 gt
 answers are not unanimous** (unanimous gt are compared raw, case-sensitive) and computes the soft

@@ -3,7 +3,7 @@ r"""SAN — "Synapse and Neuron" (Dai et al., ICML 2025, arXiv 2409.06706) on st
 SAN adds no trainable parameter. Each adapted layer measures, per output channel, how much its
 adapter scales the frozen path, and hands that scaling vector γ to the *frozen weight* of a related
 later layer. The full specification (with every ambiguity of the paper resolved) is
-``shared/SAN_SPEC.md``; section numbers below refer to it.
+``docs/san.md``; section numbers below refer to it.
 
 Notation (torch layout): frozen weight ``W`` is ``[out, in]``, ``y = W x``, LoRA scale ``s = alpha/r``,
 activations ``x`` are ``(B, T, in)``, outputs ``(B, T, out)``.
@@ -77,7 +77,7 @@ _MEAN_H_FLOOR = 1e-3
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class SanConfig:
-    """SAN options (``shared/SAN_SPEC.md``). Every field is validated; a bad one raises ``ValueError``.
+    """SAN options (``docs/san.md``). Every field is validated; a bad one raises ``ValueError``.
 
     Attributes:
         propagation: ``blockwise`` (default) | ``layerwise`` | ``random`` | ``off``.

@@ -1,4 +1,4 @@
-"""Golden cases of BENCHMARKS.md section 0 for both normalisers, and the VQA soft accuracy."""
+"""Golden cases of docs/benchmarks.md section 0 for both normalisers, and the VQA soft accuracy."""
 
 import pytest
 
@@ -10,7 +10,7 @@ from evaluation.normalize import (
     vqa_soft_accuracy,
 )
 
-# (input, Normaliser A, Normaliser B) -- the table of BENCHMARKS.md section 0.3 plus section 0.2 examples.
+# (input, Normaliser A, Normaliser B) -- the table of docs/benchmarks.md section 0.3 plus section 0.2 examples.
 GOLDEN = [
     ("Yes", "yes", "yes"),
     ("dont", "don't", "don't"),

@@ -18,7 +18,7 @@ from evaluation.report import (
     write_report,
 )
 
-SAN_SPEC = Path(__file__).resolve().parents[3] / "shared" / "SAN_SPEC.md"
+SAN_DOC = Path(__file__).resolve().parents[2] / "docs" / "san.md"
 
 
 def _results(scale=1.0, benchmarks=PAPER_BENCHMARKS):
@@ -32,9 +32,8 @@ def _results(scale=1.0, benchmarks=PAPER_BENCHMARKS):
     return out
 
 
-@pytest.mark.skipif(not SAN_SPEC.is_file(), reason="shared/SAN_SPEC.md not beside the checkout")
-def test_reference_rows_are_san_spec_section_5():
-    text = SAN_SPEC.read_text().split("## 5.")[1].split("\n## ")[0]
+def test_reference_rows_are_docs_san_section_5():
+    text = SAN_DOC.read_text().split("## 5.")[1].split("\n## ")[0]
     rows = [line.strip("|").split("|") for line in text.splitlines() if re.match(r"\| [^-m]", line)]
     parsed = [(cells[0].strip(), [float(c) for c in cells[1:]]) for cells in rows]
     ours = [(r["name"], [r["values"][b] for b in PAPER_BENCHMARKS] + [r["avg"]]) for r in REFERENCE_ROWS]
