@@ -207,14 +207,37 @@ def check_question_types(question_types: Optional[Sequence[str]]) -> Optional[tu
     return types
 
 
-def prepare_easyvqa_subset(cache_dir: str, question_types: Sequence[str]) -> str:
-    """The training records of the given question types only, as ``train_<types>.json`` beside
-    ``train.json`` (written atomically once, reused afterwards); returns its path."""
-    types = check_question_types(question_types)
+def check_answer_map(answer_map: Optional[dict]) -> Optional[dict[str, str]]:
+    """``None`` or ``{easy-vqa answer: new answer}`` (non-empty strings); ``ValueError`` names a bad entry."""
+    if not answer_map:
+        return None
+    out = {str(k).strip().lower(): str(v).strip() for k, v in dict(answer_map).items()}
+    known = set(COLOURS) | set(SHAPES) | set(YES_NO)
+    bad = [k for k, v in out.items() if k not in known or not v]
+    if bad:
+        raise ValueError(f"answer_map keys must be easy-vqa answers {sorted(known)} with non-empty values; "
+                         f"bad: {bad}")
+    return out
+
+
+def _map_tag(answer_map: dict[str, str]) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(answer_map, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def prepare_easyvqa_subset(cache_dir: str, question_types: Optional[Sequence[str]],
+                           answer_map: Optional[dict] = None) -> str:
+    """The training records of the given question types only (``None``: all), with answers renamed by
+    ``answer_map`` (e.g. a permuted colour vocabulary), as ``train_<types>[@<map hash>].json`` beside
+    ``train.json`` (written once, reused afterwards); returns its path."""
+    types = check_question_types(question_types) or tuple(sorted(QUESTION_TYPES))
+    answer_map = check_answer_map(answer_map)
     paths = prepare_easyvqa(cache_dir)
-    if types == tuple(sorted(QUESTION_TYPES)):
+    if types == tuple(sorted(QUESTION_TYPES)) and answer_map is None:
         return paths.train_records
-    out = os.path.join(paths.cache_dir, f"train_{'+'.join(types)}.json")
+    tag = f"@{_map_tag(answer_map)}" if answer_map else ""
+    out = os.path.join(paths.cache_dir, f"train_{'+'.join(types)}{tag}.json")
     with open(paths.manifest, encoding="utf-8") as f:
         expected = sum(int(n) for t, n in json.load(f)["train_question_types"].items() if t in types)
     try:
@@ -225,6 +248,9 @@ def prepare_easyvqa_subset(cache_dir: str, question_types: Sequence[str]) -> str
         pass
     with open(paths.train_records, encoding="utf-8") as f:
         records = [r for r in json.load(f) if r["question_type"] in types]
+    for r in records if answer_map else ():
+        answer = r["conversations"][1]["value"]
+        r["conversations"][1]["value"] = answer_map.get(answer, answer)
     # first writer wins (a hard link never replaces an existing file): a process that already indexed
     # the file is never handed a new inode by a concurrent writer
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=paths.cache_dir)
@@ -293,12 +319,15 @@ class EasyVQADataModule(LlavaDataModule):
         cache_dir: where :func:`prepare_easyvqa` writes the records.
         question_types: train on these question types only (``colour``, ``shape``, ``yes-no``;
             ``None``: all), e.g. the SAN study's shifted target (:func:`prepare_easyvqa_subset`).
+        answer_map: rename answers, ``{"red": "teal", ...}`` (``None``: none), e.g. the study's
+            permuted colour vocabulary; the evaluator takes the same map.
         **kwargs: every :class:`LlavaDataModule` argument except ``train_file``/``image_folder``.
     """
 
     def __init__(self, cache_dir: str = ".cache/easyvqa", question_types: Optional[Sequence[str]] = None,
-                 **kwargs: Any):
+                 answer_map: Optional[dict] = None, **kwargs: Any):
         self.question_types = check_question_types(question_types)
+        self.answer_map = check_answer_map(answer_map)
         paths = easyvqa_paths(cache_dir)
         for k in ("train_file", "image_folder"):
             if kwargs.get(k) is not None:
@@ -310,8 +339,8 @@ class EasyVQADataModule(LlavaDataModule):
 
     def _prepare(self) -> None:
         self.paths = prepare_easyvqa(self.cache_dir)
-        if self.question_types is not None:
-            self.train_file = prepare_easyvqa_subset(self.cache_dir, self.question_types)
+        if self.question_types is not None or self.answer_map is not None:
+            self.train_file = prepare_easyvqa_subset(self.cache_dir, self.question_types, self.answer_map)
 
     def prepare_data(self) -> None:
         """Write the cache (Lightning runs this once per node before ``setup``)."""
@@ -325,6 +354,6 @@ class EasyVQADataModule(LlavaDataModule):
 
 
 __all__ = ["EasyVQADataModule", "EasyVQAPaths", "QUESTION_TYPES", "SHORT_ANSWER_PROMPT",
-           "blind_baselines", "check_question_types", "easyvqa_image_folder", "easyvqa_paths", "majority_answer",
+           "blind_baselines", "check_answer_map", "check_question_types", "easyvqa_image_folder", "easyvqa_paths", "majority_answer",
            "per_question_answers", "prepare_easyvqa", "prepare_easyvqa_subset", "question_type", "question_type_from_text",
            "test_questions", "train_records"]

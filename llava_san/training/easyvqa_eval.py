@@ -46,14 +46,18 @@ def _scores(predictions: dict[str, str], truth: dict[str, dict]) -> tuple[float,
     return out["accuracy"], out["per_question_type"]
 
 
-def blind_predictions(questions: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+def blind_predictions(questions: dict[str, str], answer_map: Optional[dict[str, str]] = None
+                      ) -> tuple[dict[str, str], dict[str, str]]:
     """(majority, blind) predictions ``{question_id: answer}`` for test ``{question_id: question text}``,
-    from the easy-vqa training answers (:mod:`llava_san.data.easyvqa` helpers; ties: alphabetical)."""
+    from the easy-vqa training answers, renamed by ``answer_map`` (:mod:`llava_san.data.easyvqa`
+    helpers; ties: alphabetical)."""
     from easy_vqa import get_train_questions
 
     from ..data.easyvqa import majority_answer, per_question_answers
 
     train_q, train_a, _ = get_train_questions()
+    if answer_map:
+        train_a = [answer_map.get(a, a) for a in train_a]
     majority = majority_answer(train_a)
     per_question = per_question_answers(train_q, train_a)
     return ({qid: majority for qid in questions},
@@ -72,15 +76,17 @@ class EasyVqaEvaluator:
         batch_size: questions per batched greedy generation.
         max_new_tokens: greedy tokens per answer (answers are one word, then ``</s>``).
         limit: the first ``limit`` test questions in file order (``None``: all 9,673).
-        question_types: ask only the test questions of these types (``None``: all), e.g. ``[shape]``
+        question_types: ask only the test questions of these types (``None``: all), e.g. ``[colour]``
             in the SAN study's pretrained regime; ``limit`` then counts within them.
+        answer_map: the training data's answer renaming (``conf/data: answer_map``): the expected
+            answers and the baselines are renamed the same way.
     """
 
     def __init__(self, cache_dir: str = ".cache/easyvqa", template: str = "vicuna_v1",
                  tokenization: str = "llava", image_aspect_ratio: str = "pad", batch_size: int = 128,
                  max_new_tokens: int = 4, limit: Optional[int] = None,
-                 question_types: Optional[list[str]] = None) -> None:
-        from ..data.easyvqa import check_question_types
+                 question_types: Optional[list[str]] = None, answer_map: Optional[dict] = None) -> None:
+        from ..data.easyvqa import check_answer_map, check_question_types
 
         if int(batch_size) < 1 or int(max_new_tokens) < 1:
             raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, "
@@ -92,6 +98,7 @@ class EasyVqaEvaluator:
         self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
         self.limit = None if limit is None else int(limit)
         self.question_types = check_question_types(question_types)
+        self.answer_map = check_answer_map(answer_map)
 
     def questions(self) -> tuple[list[dict], dict[str, dict], str]:
         """(question rows, ground truth by question id, image folder) of the evaluated test questions."""
@@ -104,6 +111,8 @@ class EasyVqaEvaluator:
             rows = [r for r in rows if r["category"] in self.question_types]
         with open(paths.test_answers, encoding="utf-8") as f:
             truth = json.load(f)
+        if self.answer_map:
+            truth = {q: dict(t, answer=self.answer_map.get(t["answer"], t["answer"])) for q, t in truth.items()}
         return (rows[: self.limit] if self.limit else rows), truth, paths.image_folder
 
     @staticmethod
@@ -142,7 +151,7 @@ class EasyVqaEvaluator:
         texts = generate(model, processor, inputs, batch_size=self.batch_size)
         qids = [str(r["question_id"]) for r in rows]
         acc, by_type = _scores(dict(zip(qids, texts)), truth)
-        majority, blind = blind_predictions({q: truth[q]["question"] for q in qids})
+        majority, blind = blind_predictions({q: truth[q]["question"] for q in qids}, self.answer_map)
         metrics: dict[str, float] = {"test/easyvqa_accuracy": acc, "test/easyvqa_n": len(rows)}
         for name, preds in (("majority_baseline", majority), ("blind_baseline", blind)):
             b_acc, b_types = _scores(preds, truth)

@@ -124,3 +124,27 @@ def test_question_types_subset(cache):
     assert answers <= {"circle</s>", "rectangle</s>", "triangle</s>"}
     with pytest.raises(ValueError, match="question_types"):
         EasyVQADataModule(cache_dir=str(d), question_types=["color"])
+
+
+def test_answer_map_renames_training_and_evaluation_answers(cache):
+    """answer_map: the training records answer with the renamed word, the evaluator expects it, and the
+    blind baseline is computed on the renamed training answers."""
+    from llava_san.training.easyvqa_eval import EasyVqaEvaluator
+
+    d, paths = cache
+    amap = {"red": "teal", "teal": "red"}
+    dm = EasyVQADataModule(cache_dir=str(d), question_types=["colour"], answer_map=amap,
+                           processor=build_tiny_llava(seed=0)[1], num_workers=0, val_fraction=0.0)
+    dm.prepare_data()
+    with open(paths.train_records) as f:
+        original = [r for r in json.load(f) if r["question_type"] == "colour"]
+    with open(dm.train_file) as f:
+        renamed = json.load(f)
+    assert [r["conversations"][1]["value"] for r in renamed] == \
+        [amap.get(r["conversations"][1]["value"], r["conversations"][1]["value"]) for r in original]
+    rows, truth, _ = EasyVqaEvaluator(cache_dir=str(d), question_types=["colour"], answer_map=amap).questions()
+    with open(paths.test_answers) as f:
+        raw = json.load(f)
+    assert all(truth[q]["answer"] == amap.get(raw[q]["answer"], raw[q]["answer"]) for q in truth)
+    with pytest.raises(ValueError, match="answer_map"):
+        EasyVQADataModule(cache_dir=str(d), answer_map={"purple": "x"})

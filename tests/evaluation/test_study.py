@@ -51,7 +51,7 @@ def test_smoke_study_runs_and_reports_from_real_runs(smoke):
         assert a["n_seeds"] == 2 and a["seeds"] == [0, 1]
         assert a["accuracy_mean"] == pytest.approx(statistics.fmean(accs))
         assert a["accuracy_std"] == pytest.approx(statistics.stdev(accs))
-        assert set(a["by_type"]) == {"shape"}  # the pretrained regime asks shape questions only
+        assert set(a["by_type"]) == {"colour"}  # the pretrained regime asks colour questions only
     d = node["arms"]["san_lora"]["diff_vs_parent"]
     diffs = [run_metric("san_lora", s) - run_metric("lora", s) for s in (0, 1)]
     assert d["parent"] == "lora" and d["mean"] == pytest.approx(statistics.fmean(diffs))
@@ -162,7 +162,8 @@ def test_every_study_arm_composes(name):
 
 def test_study_experiments_choose_their_data():
     pre = _compose(["experiment=study/pretrained"])
-    assert list(pre.data.question_types) == ["shape"] and list(pre.evaluate.question_types) == ["shape"]
+    assert list(pre.data.question_types) == ["colour"] and list(pre.evaluate.question_types) == ["colour"]
+    assert pre.evaluate.answer_map == pre.data.answer_map and pre.data.answer_map["red"] == "teal"
     assert pre.model.build.path.endswith("study/full/base/merged") and not pre.model.train_projector
     scratch = _compose(["experiment=study/scratch"])
     default = _compose([])
