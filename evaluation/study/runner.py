@@ -190,7 +190,19 @@ class StudyRunner:
 
     def run(self) -> list[str]:
         """Run every missing job; return the keys of the jobs run. Raises :class:`StudyJobError` at the end
-        if any failed (the others still run)."""
+        if any failed (the others still run). One runner per study at a time (a lock in ``runs_dir``)."""
+        import fcntl
+
+        self.runs.mkdir(parents=True, exist_ok=True)
+        with open(self.runs / ".study.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StudyJobError(f"another `python -m evaluation.study run` is running this study "
+                                    f"(lock {self.runs / '.study.lock'}); wait for it or stop it") from None
+            return self._run_locked()
+
+    def _run_locked(self) -> list[str]:
         pending: list[tuple[Callable[[], Job], Callable[[], bool]]] = []
         base_needed = any(r.needs_base for r in self.regimes)
         base_done = (lambda: self._base_ready()) if base_needed else (lambda: True)

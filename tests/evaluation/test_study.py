@@ -169,3 +169,15 @@ def test_study_experiments_choose_their_data():
     default = _compose([])
     for key in ("model", "peft", "data", "optim", "trainer"):
         assert scratch[key] == default[key], key  # the scratch regime is the default run
+
+
+def test_one_runner_per_study(tmp_path):
+    """A second `run` of a study that is already running is refused (it would delete the first's runs)."""
+    import fcntl
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    with open(runs / ".study.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = _study_cli("run", "--study", "smoke", "--results-dir", str(tmp_path / "res"), "--runs-dir", str(runs))
+    assert proc.returncode == 1 and "another `python -m evaluation.study run`" in proc.stderr
