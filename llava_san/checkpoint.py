@@ -102,7 +102,8 @@ def tidy_checkpoint_dir(checkpoint_dir: str | os.PathLike, resume_from: Optional
     last = folder / LAST
     # only when continuing the run itself: resuming from an older checkpoint on purpose keeps the later ones
     if resume_from is not None and last.is_file() and Path(resume_from).resolve() == last.resolve():
-        step = torch.load(resume_from, map_location="cpu", weights_only=True).get("global_step")
+        # mmap: only the small header is read here; Lightning reads the tensors once, when it resumes
+        step = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True).get("global_step")
         for p in folder.glob("step*.ckpt"):
             digits = p.stem[len("step"):]
             if p.is_file() and digits.isdigit() and step is not None and int(digits) > int(step) \

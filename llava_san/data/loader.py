@@ -44,6 +44,7 @@ class LlavaDataLoader(DataLoader):
         self.name = name
         self.batches_consumed = 0
         self.reports: list[dict] = []  # one per finished pass
+        self.epoch_samples: Optional[int] = None  # samples this rank's current pass prepares
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Any]:
@@ -58,7 +59,7 @@ class LlavaDataLoader(DataLoader):
         if self.counter is not None:
             self.counter.reset()
         self.batches_consumed = start
-        self._epoch_samples = epoch_samples
+        self.epoch_samples = epoch_samples
         for batch in super().__iter__():
             self.batches_consumed += 1
             if self.counter is not None and self.counter.bad() > limit:
@@ -78,7 +79,7 @@ class LlavaDataLoader(DataLoader):
         :attr:`reports`); :class:`TooManyBadSamplesError` past the limit."""
         if self.counter is None:
             return None
-        samples = getattr(self, "_epoch_samples", None)
+        samples = self.epoch_samples
         if samples is None:
             samples = sum(len(b) for b in self.batch_sampler.rank_batches())
         if totals is not None:  # summed over ranks: so is the epoch's sample count

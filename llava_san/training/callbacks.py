@@ -83,7 +83,7 @@ class BadSampleReport(L.Callback):
             return
         self._closed_epoch = loader.batch_sampler.epoch
         mine = loader.epoch_totals()
-        mine["epoch_samples"] = getattr(loader, "_epoch_samples", 0) or 0
+        mine["epoch_samples"] = loader.epoch_samples or 0
         vec = torch.tensor([float(mine.get(c, 0)) for c in self.COLUMNS], dtype=torch.float64)
         if trainer.world_size > 1:
             vec = trainer.strategy.reduce(vec.to(trainer.strategy.root_device), reduce_op="sum").cpu()

@@ -77,11 +77,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete what :func:`atomic_file`/:func:`atomic_dir` leave behind when a process is killed mid-write
     (``.<name>.tmp-*`` and ``.<name>.old-*`` beside their targets); never a finished file. Call only
     when no other process writes into ``folder``. Returns what was removed."""
-    removed = []
-    for p in Path(folder).glob(".*.tmp-*"):
+    removed = [*Path(folder).glob(".*.tmp-*"), *Path(folder).glob(".*.old-*")]
+    for p in removed:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-        removed.append(p)
-    for p in Path(folder).glob(".*.old-*"):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-        removed.append(p)
     return removed
