@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 
 from ..conversation import IMAGE_PLACEHOLDER, Piece
 from .errors import BadSample
+from .llava15_text import attached
 
 IGNORE_INDEX = -100
 TOKENIZATION_MODES = ("llava", "processor")
@@ -71,7 +72,9 @@ class PieceEncoder:
     """Turns template :class:`Piece` lists into :class:`Encoded` ids/labels for one tokenizer.
 
     Args:
-        tokenizer: a transformers tokenizer (LLaMA-style: adds ``<s>``, no ``</s>``).
+        tokenizer: a transformers tokenizer (LLaMA-style: adds ``<s>``, no ``</s>``). In ``"llava"`` mode
+            text is tokenized by its attached :class:`~llava_san.data.llava15_text.Llava15TextTokenizer`
+            when it has one (checkpoints with a ``tokenizer.model``: LLaVA-1.5's own ids).
         image_token_id: id of the ``<image>`` token.
         image_tokens: copies of ``image_token_id`` per image.
         mode: ``"llava"`` (LLaVA's ``tokenizer_image_token`` chunking, default) or ``"processor"``
@@ -81,12 +84,13 @@ class PieceEncoder:
     def __init__(self, tokenizer, image_token_id: int, image_tokens: int, mode: str = "llava"):
         if mode not in TOKENIZATION_MODES:
             raise ValueError(f"tokenization must be one of {TOKENIZATION_MODES}, got {mode!r}")
-        self.tokenizer = tokenizer
+        text_tokenizer = attached(tokenizer) if mode == "llava" else None
+        self.tokenizer = text_tokenizer if text_tokenizer is not None else tokenizer
         self.image_token_id = int(image_token_id)
         self.image_tokens = int(image_tokens)
         self.mode = mode
-        self._added = dict(tokenizer.get_added_vocab())
-        self.bos_id = tokenizer.bos_token_id
+        self._added = dict(self.tokenizer.get_added_vocab())
+        self.bos_id = self.tokenizer.bos_token_id
         # Tokens a text starts with (``<s>``) -- masked, never part of a piece.
         self._first_base = self._tok([""], True)[0]
 

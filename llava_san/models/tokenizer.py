@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import functools
 
+from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaTokenizer
+
+from ..data.llava15_text import Llava15TextTokenizer, attach
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -97,4 +100,50 @@ def build_tiny_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048) -
         padding_side="right",
     )
     tok.add_special_tokens({"pad_token": PAD_TOKEN, "additional_special_tokens": [IMAGE_TOKEN]})
-    return tok
+    return attach_tiny_sentencepiece(tok, vocab_size)
+
+
+def tiny_sentencepiece_model(vocab_size: int = 1024) -> bytes:
+    """The tiny BPE as a SentencePiece ``tokenizer.model`` (LLaMA's settings), serialized.
+
+    SentencePiece's BPE merges the adjacent pair whose joined piece has the highest score, so each
+    merged piece gets ``-rank`` of the merge that made it: the merge order of the ``tokenizers`` model
+    above. Normalisation is LLaMA's: identity, a dummy ``▁`` prefix, spaces kept, byte fallback.
+    """
+    vocab, merges = _train_bpe(vocab_size)
+    merge_score = {a + b: -float(rank) for rank, (a, b) in enumerate(merges)}
+    proto = sp_pb.ModelProto()
+    piece_type = sp_pb.ModelProto.SentencePiece.Type
+    for piece, _ in vocab:  # vocab is sorted by id, so piece k gets id k
+        entry = proto.pieces.add()
+        entry.piece = piece
+        if piece == "<unk>":
+            entry.type = piece_type.UNKNOWN
+        elif piece in ("<s>", "</s>"):
+            entry.type = piece_type.CONTROL
+        elif piece in BYTE_TOKENS:
+            entry.type = piece_type.BYTE
+        else:
+            entry.type = piece_type.NORMAL
+            entry.score = merge_score.get(piece, -float(len(merges)))
+    spec = proto.trainer_spec
+    spec.model_type = sp_pb.TrainerSpec.BPE
+    spec.vocab_size = len(vocab)
+    spec.byte_fallback = True
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = True
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+def attach_tiny_sentencepiece(tokenizer, vocab_size: int = 1024):
+    """Attach the tiny SentencePiece model as the tokenizer's LLaVA-1.5 text path (``legacy`` unset).
+
+    ``legacy`` unset is what a tokenizer_config.json without the key gives, as the tiny tokenizer
+    saves it: transformers 4.31 read it as ``True`` (a ``▁`` after ``</s>``), like LLaMA-1 era configs.
+    """
+    return attach(tokenizer, Llava15TextTokenizer(tiny_sentencepiece_model(vocab_size), legacy=None,
+                                                  source="tiny tokenizer"))
