@@ -24,6 +24,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
+from .data.llava15_text import save_attached
 from .utils.atomic import atomic_dir, atomic_file
 
 LAST = "last.ckpt"
@@ -258,4 +259,5 @@ def _save_plain(model: nn.Module, processor: Any, directory: str | os.PathLike) 
         model.save_pretrained(str(tmp))
         if processor is not None:
             processor.save_pretrained(str(tmp))
+            save_attached(processor.tokenizer, tmp)  # tokenizer.model: LLaVA-1.5's text path
     return Path(directory)

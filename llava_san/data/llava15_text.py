@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import sentencepiece as spm
+from transformers import BatchEncoding
 
 from ..utils.atomic import atomic_file
 
@@ -123,11 +124,11 @@ class Llava15TextTokenizer:
         return ([self.bos_token_id] if add_special_tokens and self.add_bos_token else []) + ids
 
     # ------------------------------------------------------------------ tokenizer interface
-    def __call__(self, texts: str | Iterable[str], add_special_tokens: bool = True, **_ignored) -> dict:
-        """``{"input_ids": ...}`` for one text or a list, like a transformers tokenizer call."""
+    def __call__(self, texts: str | Iterable[str], add_special_tokens: bool = True, **_ignored) -> BatchEncoding:
+        """``input_ids`` of one text or a list, like a transformers tokenizer call (other options ignored)."""
         if isinstance(texts, str):
-            return {"input_ids": self.encode(texts, add_special_tokens)}
-        return {"input_ids": [self.encode(t, add_special_tokens) for t in texts]}
+            return BatchEncoding({"input_ids": self.encode(texts, add_special_tokens)})
+        return BatchEncoding({"input_ids": [self.encode(t, add_special_tokens) for t in texts]})
 
     def get_added_vocab(self) -> dict[str, int]:
         """The special tokens (the texts cut out before SentencePiece), as ``{text: id}``."""

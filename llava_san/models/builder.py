@@ -63,7 +63,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
     AutoTokenizer,
-    CLIPImageProcessor,
     CLIPVisionModel,
     GenerationConfig,
     LlavaConfig,
@@ -71,9 +70,13 @@ from transformers import (
     LlavaProcessor,
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.utils import cached_file
+
+from ..data.llava15_text import attach_from_folder
 
 from .original_llava import MM_PROJECTOR_FILE, load_mm_projector
 from .tiny import TinyLlavaSpec, build_tiny_llava, without_hf_zero3, zero3_config, zero3_partition
+from .image_processor import load_clip_image_processor, pin_pil_backend
 from .tokenizer import IMAGE_TOKEN, PAD_TOKEN
 
 __all__ = [
@@ -232,6 +235,34 @@ def _load_tokenizer(path: str, is_local: bool, what: str, expect: str, hint: str
             f"{what}: could not load a tokenizer from {path!r} ({type(err).__name__}: {err}).{extra} "
             f"Expected {expect}; {hint}"
         ) from None
+
+
+def _attach_sentencepiece(tok, path: str, is_local: bool) -> None:
+    """Give ``tok`` LLaVA-1.5's text path (:mod:`llava_san.data.llava15_text`) from the checkpoint's
+    ``tokenizer.model``; without one, ``tokenization="llava"`` falls back to transformers' tokenizer."""
+    folder = Path(path) if is_local else _hub_tokenizer_folder(path)
+    if folder is not None and attach_from_folder(tok, folder):
+        return
+    warnings.warn(
+        f"{path!r} has no SentencePiece tokenizer.model: tokenization='llava' uses transformers' "
+        "tokenizer, whose ids after '</s>' or a leading space can differ from LLaVA-1.5's (transformers "
+        "4.31 slow tokenizer)", UserWarning, stacklevel=3,
+    )
+
+
+def _hub_tokenizer_folder(repo: str) -> Path | None:
+    """The local snapshot folder holding a hub checkpoint's ``tokenizer.model`` (fetched if needed)."""
+    found = None
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            path = cached_file(repo, name, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            path = None
+        if name == "tokenizer.model":
+            if path is None:
+                return None
+            found = Path(path).parent
+    return found
 
 
 def _vision_config(config, path: str):
@@ -496,6 +527,7 @@ def _parts_processor(
         tok_path, tok_local, "language model tokenizer", LM_EXPECT, LM_HINT,
         model_max_length=model_max_length, padding_side=padding_side,
     )
+    _attach_sentencepiece(tok, tok_path, tok_local)
     if tok.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tok.unk_token_id):
         tok.add_special_tokens(
             {"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False
@@ -512,7 +544,7 @@ def _parts_processor(
     vt_path, vt_local = vt
     _require_file(vt_path, vt_local, ("preprocessor_config.json",), "vision tower", VT_EXPECT, VT_HINT)
     try:
-        image_processor = CLIPImageProcessor.from_pretrained(vt_path)
+        image_processor = load_clip_image_processor(vt_path)
     except Exception as err:
         what = "vision tower image processor"
         raise _not_loadable(what, vt_path, vt_local, VT_EXPECT, VT_HINT, err) from None
@@ -778,6 +810,8 @@ def _llava_hf_processor(
             f"llava-hf checkpoint: {p!r} has a {type(processor).__name__} processor, "
             "expected a LlavaProcessor"
         )
+    pin_pil_backend(processor)
+    _attach_sentencepiece(processor.tokenizer, p, local)
     legacy = []
     if processor.patch_size is None:
         processor.patch_size = config.vision_config.patch_size

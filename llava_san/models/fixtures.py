@@ -31,18 +31,19 @@ from pathlib import Path
 import torch
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessor,
     CLIPModel,
     GenerationConfig,
     LlamaForCausalLM,
     LlamaTokenizer,
 )
 
+from .image_processor import CLIPImageProcessorPil
 from .tiny import TinyLlavaSpec, build_tiny_llava, tiny_text_config
 
 # The private BPE trainer of tokenizer.py is reused on purpose: the Vicuna-format tokenizer needs the
 # same vocabulary as build_tiny_tokenizer() but *without* the <image>/<pad> tokens it adds.
-from .tokenizer import _train_bpe
+from .tokenizer import _train_bpe, tiny_sentencepiece_model
+from ..data.llava15_text import Llava15TextTokenizer, attach, attached, save_attached
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -56,7 +57,7 @@ def tiny_vicuna_tokenizer(vocab_size: int = 1024, model_max_length: int = 4096) 
     v1.5 tokenizer it has no pad token and no ``<image>``.
     """
     vocab, merges = _train_bpe(vocab_size)
-    return LlamaTokenizer(
+    tok = LlamaTokenizer(
         vocab=dict(vocab),
         merges=[tuple(m) for m in merges],
         add_bos_token=True,
@@ -65,6 +66,28 @@ def tiny_vicuna_tokenizer(vocab_size: int = 1024, model_max_length: int = 4096) 
         model_max_length=model_max_length,
         padding_side="right",
     )
+    return attach(tok, Llava15TextTokenizer(tiny_sentencepiece_model(vocab_size), source="tiny Vicuna tokenizer"))
+
+
+def _added_token(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def write_vicuna_tokenizer(path: str | Path, tok, legacy: bool | None = None) -> Path:
+    """Save ``tok`` the way lmsys/vicuna-*-v1.5 ships its tokenizer: ``tokenizer.model`` (SentencePiece),
+    ``special_tokens_map.json`` with ``AddedToken`` entries and a ``tokenizer_config.json`` whose
+    ``legacy`` key is ``legacy`` (``None``: no key). transformers' ``tokenizer.json`` is kept beside them.
+    """
+    path = Path(path)
+    sp_model = attached(tok).model_proto
+    tok.save_pretrained(path)
+    save_attached(attach(tok, Llava15TextTokenizer(sp_model, legacy=legacy, source=str(path))), path)
+    specials = {"bos_token": _added_token("<s>"), "eos_token": _added_token("</s>"),
+                "unk_token": _added_token("<unk>")}
+    if tok.pad_token is not None:
+        specials["pad_token"] = tok.pad_token
+    (path / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    return path
 
 
 def _save_bin_shards(state_dict: dict[str, torch.Tensor], path: Path, num_shards: int) -> None:
@@ -90,8 +113,10 @@ def write_tiny_vicuna(
     seed: int = 0,
     weights_format: str = "bin",
     dtype: torch.dtype = torch.float32,
+    tokenizer_legacy: bool | None = None,
 ) -> Path:
-    """Write a tiny Vicuna-v1.5-format LLaMA folder; ``weights_format``: ``"bin"`` or ``"safetensors"``."""
+    """Write a tiny Vicuna-v1.5-format LLaMA folder; ``weights_format``: ``"bin"`` or ``"safetensors"``;
+    ``tokenizer_legacy``: the ``legacy`` key of its ``tokenizer_config.json`` (``None``: absent)."""
     spec = spec or TinyLlavaSpec()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -115,7 +140,7 @@ def write_tiny_vicuna(
         bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.9, top_p=0.6,
         max_length=4096,
     ).save_pretrained(path)
-    tok.save_pretrained(path)
+    write_vicuna_tokenizer(path, tok, legacy=tokenizer_legacy)
     return path
 
 
@@ -151,7 +176,7 @@ def write_tiny_clip(path: str | Path, spec: TinyLlavaSpec | None = None, seed: i
         torch.manual_seed(seed)
         model = CLIPModel(config)
     model.save_pretrained(path)
-    CLIPImageProcessor(
+    CLIPImageProcessorPil(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
         do_center_crop=True,
@@ -218,6 +243,7 @@ def write_tiny_llava_hf(
     if not hub_layout:
         model.save_pretrained(path)
         processor.save_pretrained(path)
+        save_attached(processor.tokenizer, path)
         return path
     from safetensors.torch import save_file
 
@@ -243,6 +269,7 @@ def write_tiny_llava_hf(
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     processor.image_processor.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
+    save_attached(processor.tokenizer, path)
     fields = {
         "image_token": processor.image_token,
         "num_additional_image_tokens": processor.num_additional_image_tokens,

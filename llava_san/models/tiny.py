@@ -23,7 +23,6 @@ from typing import Iterator, Optional
 
 import torch
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -32,6 +31,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from .image_processor import CLIPImageProcessorPil
 from .tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
 
@@ -81,7 +81,7 @@ def build_tiny_processor(spec: TinyLlavaSpec | None = None) -> LlavaProcessor:
     """The processor (CLIP image processor at ``spec.image_size`` + offline tokenizer)."""
     spec = spec or TinyLlavaSpec()
     tokenizer = build_tiny_tokenizer(spec.vocab_size)
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
     )

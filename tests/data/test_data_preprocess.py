@@ -6,6 +6,7 @@ from PIL import Image
 from llava_san.conversation import Piece, get_template
 from llava_san.data import IGNORE_INDEX, LlavaPreprocessor, PieceEncoder, image_token_count, tokenize_prompt
 from llava_san.data.errors import BadSample
+from llava_san.data.llava15_text import attached
 from llava_san.data.records import normalize_turns
 from llava_san.models import build_tiny_processor
 
@@ -137,8 +138,22 @@ def test_processor_mode_equals_full_string_tokenization(processor, rec):
 
 @pytest.mark.parametrize("rec", RECORDS, ids=[r["id"] for r in RECORDS])
 def test_llava_mode_equals_tokenizer_image_token(processor, rec):
-    """ids == LLaVA's tokenizer_image_token(rendered) with the image index expanded; the only
-    difference from whole-string tokenization is the '▁' LLaVA's chunking puts after <image>."""
+    """ids == LLaVA's tokenizer_image_token(rendered) on LLaVA-1.5's tokenizer (the attached 4.31 slow
+    tokenizer), with the image index expanded."""
+    pre = LlavaPreprocessor.from_processor(processor, tokenization="llava")
+    enc, has_image = pre.encode_record(rec)
+    turns, _ = normalize_turns(rec, 0, "f")
+    rendered = get_template("vicuna_v1").render(turns)
+    ref = llava_tokenizer_image_token(rendered, attached(processor.tokenizer), processor.image_token_id)
+    assert enc.input_ids == expand(ref, processor.image_token_id, 16)
+
+
+@pytest.mark.parametrize("rec", RECORDS, ids=[r["id"] for r in RECORDS])
+def test_llava_mode_on_transformers_tokenizer(rec):
+    """Without a SentencePiece model attached, llava mode chunks transformers' tokenizer as LLaVA does:
+    the only difference from whole-string tokenization is the '▁' the chunking puts after <image>."""
+    processor = build_tiny_processor()
+    del processor.tokenizer.llava15_text
     tok = processor.tokenizer
     pre = LlavaPreprocessor.from_processor(processor, tokenization="llava")
     enc, has_image = pre.encode_record(rec)
@@ -292,8 +307,8 @@ def test_empty_and_blank_answers_are_masked_not_the_record(processor, mode):
     rendered = get_template("vicuna_v1").render(turns)
     assert "ASSISTANT:USER: second? ASSISTANT:    </s>USER: third? ASSISTANT: blue</s>" in rendered
     if mode == "llava":
-        assert enc.input_ids == expand(llava_tokenizer_image_token(rendered, tok, processor.image_token_id),
-                                       processor.image_token_id, 16)
+        ref = llava_tokenizer_image_token(rendered, attached(tok), processor.image_token_id)
+        assert enc.input_ids == expand(ref, processor.image_token_id, 16)
     else:
         assert enc.input_ids == processor(text=[rendered], images=[Image.new("RGB", (64, 64))]).input_ids[0]
     assert [tok.decode(s) for s in trained_spans(enc.input_ids, enc.labels)] == ["blue</s>"]

@@ -1,0 +1,32 @@
+"""CLIP image preprocessing pinned to transformers' PIL backend: LLaVA-1.5's pixels.
+
+LLaVA-1.5 resized with PIL (bicubic) through transformers 4's ``CLIPImageProcessor``. transformers 5
+resolves ``CLIPImageProcessor`` to a torchvision implementation whenever torchvision is importable,
+and torchvision's bicubic resize gives different pixels (antialiasing and rounding differ). Training
+and evaluation therefore build the PIL implementation explicitly, whatever is installed.
+"""
+from __future__ import annotations
+
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+# keys of a saved preprocessor_config.json that name a class rather than configure one
+_CLASS_KEYS = ("image_processor_type", "processor_class", "backend")
+
+
+def load_clip_image_processor(path: str, **kwargs) -> CLIPImageProcessorPil:
+    """``CLIPImageProcessorPil.from_pretrained(path)``: a vision tower's preprocessing on the PIL path."""
+    return CLIPImageProcessorPil.from_pretrained(path, **kwargs)
+
+
+def pil_clip_image_processor(image_processor) -> CLIPImageProcessorPil:
+    """The same preprocessing settings on the PIL path (returned unchanged if already there)."""
+    if type(image_processor) is CLIPImageProcessorPil:
+        return image_processor
+    settings = {k: v for k, v in image_processor.to_dict().items() if k not in _CLASS_KEYS}
+    return CLIPImageProcessorPil.from_dict(settings)
+
+
+def pin_pil_backend(processor):
+    """Replace ``processor.image_processor`` by its PIL twin (in place); returns ``processor``."""
+    processor.image_processor = pil_clip_image_processor(processor.image_processor)
+    return processor
