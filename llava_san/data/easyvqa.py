@@ -22,10 +22,10 @@ from __future__ import annotations
 import collections
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
+from ..utils.atomic import atomic_file
 from .datamodule import LlavaDataModule
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
@@ -90,21 +90,9 @@ def easyvqa_paths(cache_dir: str) -> EasyVQAPaths:
 
 
 def _atomic_write(path: str, write) -> None:
-    """Write via a temporary file in the same folder + ``os.replace`` (readers never see partial files)."""
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """``write(file)`` into ``path`` atomically (readers never see a partial file)."""
+    with atomic_file(path, encoding="utf-8") as f:
+        write(f)
 
 
 def _load_split(split: str) -> tuple[list[str], list[str], list[int]]:
@@ -253,20 +241,10 @@ def prepare_easyvqa_subset(cache_dir: str, question_types: Optional[Sequence[str
         r["conversations"][1]["value"] = answer_map.get(answer, answer)
     # first writer wins (a hard link never replaces an existing file): a process that already indexed
     # the file is never handed a new inode by a concurrent writer
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=paths.cache_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(records, f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(out):  # a damaged or stale file (its length was checked above)
-            os.unlink(out)
-        try:
-            os.link(tmp, out)
-        except FileExistsError:
-            pass
-    finally:
-        os.unlink(tmp)
+    if os.path.exists(out):  # a damaged or stale file (its length was checked above)
+        os.unlink(out)
+    with atomic_file(out, encoding="utf-8", keep_existing=True) as f:
+        json.dump(records, f, ensure_ascii=False, indent=1)
     return out
 
 

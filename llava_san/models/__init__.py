@@ -8,7 +8,6 @@ from .builder import (
     load_llava_hf_processor,
     resolve_dtype,
 )
-from .fixtures import write_tiny_checkpoints
 from .tiny import TinyLlavaSpec, build_tiny_llama, build_tiny_llava, build_tiny_processor
 from .tokenizer import IMAGE_TOKEN, PAD_TOKEN, build_tiny_tokenizer
 
@@ -27,5 +26,4 @@ __all__ = [
     "load_llava_hf",
     "load_llava_hf_processor",
     "resolve_dtype",
-    "write_tiny_checkpoints",
 ]

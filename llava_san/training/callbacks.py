@@ -1,8 +1,7 @@
-"""Callbacks: the bad-sample report of real training runs, and fault injection for the resume tests."""
+"""Callbacks of real training runs: the resolved config at train start and the bad-sample report."""
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any, Optional
 
 import lightning as L
@@ -10,20 +9,6 @@ import torch
 
 from ..data.errors import REASONS
 from ..utils.atomic import atomic_file
-
-
-class KillAtStep(L.Callback):
-    """SIGKILL this process right after optimiser step ``step`` (after checkpoint callbacks ran).
-
-    Used to test that ``ckpt_path=last`` continues a run killed mid-training exactly.
-    """
-
-    def __init__(self, step: int) -> None:
-        self.step = int(step)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ConfigAtTrainStart(L.Callback):

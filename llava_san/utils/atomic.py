@@ -55,8 +55,14 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator:
-    """Open a temporary file beside ``target`` for writing; it replaces ``target`` only on success."""
+def atomic_file(target: str | os.PathLike, mode: str = "w", *, keep_existing: bool = False,
+                **open_kwargs) -> Iterator:
+    """Open a temporary file beside ``target`` for writing; it replaces ``target`` only on success.
+
+    ``keep_existing=True``: first writer wins -- the file is hard-linked into place, which never
+    replaces an existing ``target``, so a process that already opened it is never handed a new inode
+    by a concurrent writer (the loser's content is dropped).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
@@ -66,7 +72,12 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs) -> It
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask as open() would
-        os.replace(tmp, target)
+        if keep_existing:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, target)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

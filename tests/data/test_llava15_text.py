@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from llava_san.conversation import get_template
 from llava_san.data import LlavaPreprocessor, tokenize_prompt
 from llava_san.data.llava15_text import Llava15TextTokenizer, attach_from_folder, attached, save_attached
-from llava_san.models.fixtures import write_tiny_clip, write_tiny_vicuna
+from llava_san.testing.checkpoints import write_tiny_clip, write_tiny_vicuna
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

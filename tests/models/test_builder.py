@@ -20,9 +20,8 @@ from llava_san.models import (
     check_model_processor,
     load_llava_hf,
     load_llava_hf_processor,
-    write_tiny_checkpoints,
 )
-from llava_san.models.fixtures import write_tiny_mm_projector, write_tiny_vicuna
+from llava_san.testing.checkpoints import write_tiny_checkpoints, write_tiny_mm_projector, write_tiny_vicuna
 
 SPEC = TinyLlavaSpec()
 PROMPT = f"USER: {IMAGE_TOKEN}\nWhat color is the shape? ASSISTANT: red"

@@ -5,7 +5,7 @@ from PIL import Image
 
 from llava_san.models import build_tiny_processor
 from llava_san.models.builder import build_parts_processor, load_llava_hf_processor
-from llava_san.models.fixtures import write_tiny_checkpoints
+from llava_san.testing.checkpoints import write_tiny_checkpoints
 from llava_san.models.image_processor import CLIPImageProcessorPil, pil_clip_image_processor
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073])

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from llava_san.models import write_tiny_checkpoints
+from llava_san.testing import write_tiny_checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"

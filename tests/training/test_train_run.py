@@ -95,7 +95,7 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path):
     would be one; 24 samples / batch 2 = 12 batches, 8 steps stay mid-epoch)."""
     ref = _subprocess_run(tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    killed = _subprocess_run(tmp_path / "run", "+callbacks.kill._target_=llava_san.training.callbacks.KillAtStep",
+    killed = _subprocess_run(tmp_path / "run", "+callbacks.kill._target_=llava_san.testing.callbacks.KillAtStep",
                              "+callbacks.kill.step=5")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "run" / "adapter").exists()

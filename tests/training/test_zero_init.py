@@ -104,7 +104,7 @@ def _worker(root: Path) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Run :func:`_worker` on two gloo ranks; their results, rank 0 first."""
-    from llava_san.models import write_tiny_checkpoints
+    from llava_san.testing import write_tiny_checkpoints
     from llava_san.training.strategies import resolve_auto
 
     root = tmp_path_factory.mktemp("zero_init")

@@ -37,12 +37,12 @@ from transformers import (
     LlamaTokenizer,
 )
 
-from .image_processor import CLIPImageProcessorPil
-from .tiny import TinyLlavaSpec, build_tiny_llava, tiny_text_config
+from ..models.image_processor import CLIPImageProcessorPil
+from ..models.tiny import TinyLlavaSpec, build_tiny_llava, tiny_text_config
 
 # The private BPE trainer of tokenizer.py is reused on purpose: the Vicuna-format tokenizer needs the
 # same vocabulary as build_tiny_tokenizer() but *without* the <image>/<pad> tokens it adds.
-from .tokenizer import _train_bpe, tiny_sentencepiece_model
+from ..models.tokenizer import _train_bpe, tiny_sentencepiece_model
 from ..data.llava15_text import Llava15TextTokenizer, attach, attached, save_attached
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
