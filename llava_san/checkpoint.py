@@ -18,12 +18,13 @@ import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
+from .distributed import zero3
 from .utils.atomic import atomic_dir, atomic_file
 
 LAST = "last.ckpt"
@@ -168,23 +169,14 @@ def _resolve_ckpt_path(ckpt_path: Optional[str], checkpoint_dir: str | os.PathLi
 # ----------------------------------------------------------------------------------------------
 # final adapter and merged export
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def gathered(model: nn.Module, trainable_only: bool = False) -> Iterator[None]:
+def gathered(model: nn.Module, trainable_only: bool = False) -> contextlib.AbstractContextManager:
     """Gather the ZeRO-3 partitioned parameters of ``model`` for reading (no-op without ZeRO-3).
 
     A collective: every rank must enter it. ``trainable_only`` gathers only the parameters that require
     grad (adapters, projector), not the frozen base, which is all an adapter needs (7B: a few hundred MB
     instead of the whole 14 GB model materialised on every rank).
     """
-    params = [p for p in model.parameters()
-              if hasattr(p, "ds_id") and (p.requires_grad or not trainable_only)]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
+    return zero3.gathered(p for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global_zero: bool = True) -> Optional[Path]:
@@ -213,11 +205,6 @@ def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global
         return save_extra_only(model, directory)
 
 
-def is_partitioned(model: nn.Module) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions ``model``'s parameters (each rank holds a slice of each)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def export_merged(model: nn.Module, processor: Any, directory: str | os.PathLike) -> Path:
     """Write a plain transformers checkpoint (adapters and SAN folded in) plus the processor, atomically.
 
@@ -229,7 +216,7 @@ def export_merged(model: nn.Module, processor: Any, directory: str | os.PathLike
 
     from .peft import merge_san
 
-    if is_partitioned(model):
+    if zero3.any_partitioned(model):
         raise ValueError("export_merged: the model is partitioned by ZeRO-3; rebuild the base and fold the "
                          "saved adapter into it with export_merged_from_adapter")
     plain = merge_san(model) if isinstance(model, PeftModel) else model

@@ -26,11 +26,11 @@ from llava_san.checkpoint import (
     AtomicCheckpointIO,
     export_merged,
     export_merged_from_adapter,
-    is_partitioned,
     resolve_ckpt_path,
     save_final_adapter,
     tidy_checkpoint_dir,
 )
+from llava_san.distributed import any_partitioned
 from llava_san.training import BadSampleReport, ConfigAtTrainStart, MetricsRecorder, write_metrics
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         _log_summary(trainer.loggers, metrics, trainer.global_step)
     if cfg.get("export") and trainer.is_global_zero:
-        if is_partitioned(module.model):  # ZeRO-3: each rank holds slices; fold the saved adapter instead
+        if any_partitioned(module.model):  # ZeRO-3: each rank holds slices; fold the saved adapter instead
             export_merged_from_adapter(module.model_factory, cfg.paths.adapter_dir, module.processor or processor,
                                        cfg.paths.merged_dir)
         else:

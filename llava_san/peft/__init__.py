@@ -9,9 +9,9 @@ from .adapters import (
     set_projector_trainable,
     trainable_parameters,
 )
-from .san import (
-    SanConfig,
-    SanLoraLinear,
+from .san import SanLoraLinear
+from .san_config import SanConfig
+from .san_model import (
     attach_san,
     get_san_model,
     get_san_state,

@@ -25,9 +25,11 @@ from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_mode
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..distributed.zero3 import full_shape, is_placeholder
 from ..utils.atomic import atomic_dir
 from .adapters import adapted_module_names, base_transformers_model, is_adapter_param
-from .san import SanConfig, get_san_model, get_san_state, san_config_json
+from .san_config import SanConfig, san_config_json
+from .san_model import get_san_model, get_san_state, merge_san
 
 MANIFEST = "llava_san_adapter.json"
 SAN_CONFIG = "san_config.json"
@@ -50,9 +52,9 @@ def _fingerprint(model: nn.Module) -> dict[str, Any]:
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
-    # A ZeRO-3 parameter that was not gathered is an empty placeholder (numel 0; state_dict() copies lose
-    # its ds_numel): saving it is LLaVA's known ZeRO-3 failure (an adapter of empty tensors). Refuse it.
-    if t.numel() == 0 or (hasattr(t, "ds_numel") and t.numel() != t.ds_numel):
+    # saving an ungathered ZeRO-3 placeholder is LLaVA's known ZeRO-3 failure (an adapter of empty
+    # tensors): refuse it
+    if is_placeholder(t):
         raise ValueError(
             "save_adapter got a ZeRO-3 partitioned tensor (not gathered); save with "
             "llava_san.checkpoint.save_final_adapter on every rank, which gathers the trained tensors")
@@ -70,8 +72,8 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike) -> Path:
     base = base_transformers_model(model)
     state = get_san_state(model)
     extra = {n: _cpu(p) for n, p in base.named_parameters() if p.requires_grad and not is_adapter_param(n)}
-    # ds_shape: under ZeRO-3 the frozen base weight is a [0] placeholder (it is not gathered for saving)
-    adapted = {n: list(getattr(w, "ds_shape", w.shape)) for n, w in
+    # full_shape: under ZeRO-3 the frozen base weight is a placeholder (it is not gathered for saving)
+    adapted = {n: list(full_shape(w)) for n, w in
                ((n, base.get_submodule(n).get_base_layer().weight) for n in adapted_module_names(model))}
     manifest = {
         "format": "llava-san-adapter",
@@ -264,8 +266,6 @@ def apply_adapter_folder(model: nn.Module, directory: str | os.PathLike, merge: 
     :func:`~llava_san.peft.merge_san` (a plain transformers model comes back); or a projector-only
     folder (``peft=none`` runs: just ``extra_trainable.safetensors``), copied into ``model``.
     """
-    from .san import merge_san
-
     directory = Path(directory)
     if not (directory / MANIFEST).is_file():
         raise FileNotFoundError(
