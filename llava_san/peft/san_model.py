@@ -22,7 +22,7 @@ from .adapters import (
     language_tower_prefix,
 )
 from .san import SanLoraLinear, _count_clamped, merged_weight
-from .san_config import SanConfig, san_config_json
+from .san_config import SanConfig
 
 #: Layerwise pairs inside a block: target type -> source type (the source's output feeds the target).
 LAYERWISE_IN_BLOCK = {"o_proj": "v_proj", "gate_proj": "o_proj", "up_proj": "o_proj", "down_proj": "up_proj"}
@@ -369,7 +369,6 @@ __all__ = [
     "get_san_state",
     "merge_san",
     "resolve_pairs",
-    "san_config_json",
     "san_gamma_stats",
     "san_layers",
     "san_regularization",
