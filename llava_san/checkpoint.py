@@ -9,7 +9,7 @@
   ``load_state_dict`` (saved in the checkpoint by Lightning), not here.
 * :func:`save_final_adapter` gathers ZeRO-3 partitioned tensors before :func:`llava_san.peft.save_adapter`
   (the known LLaVA failure: adapters saved under ZeRO-3 holding empty or initial values).
-* :func:`export_merged` folds adapters + SAN into a plain ``LlavaForConditionalGeneration`` folder;
+* :func:`export_merged` folds adapters + SAN (the run's recipe merges) into a plain ``LlavaForConditionalGeneration`` folder;
   under ZeRO-3, :func:`export_merged_from_adapter` does it from the saved adapter on a rebuilt base.
 """
 from __future__ import annotations
@@ -18,13 +18,17 @@ import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from peft import PeftModel
 from torch import nn
 
 from .data.llava15_text import save_attached
+from .distributed import zero3
+from .peft import AdapterRecipe, LoraRecipe, apply_adapter_folder, save_adapter, sync_gamma_ema
+from .peft.adapter_io import save_extra_only
 from .utils.atomic import atomic_dir, atomic_file
 
 LAST = "last.ckpt"
@@ -169,85 +173,65 @@ def _resolve_ckpt_path(ckpt_path: Optional[str], checkpoint_dir: str | os.PathLi
 # ----------------------------------------------------------------------------------------------
 # final adapter and merged export
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def gathered(model: nn.Module, trainable_only: bool = False) -> Iterator[None]:
+def gathered(model: nn.Module, trainable_only: bool = False) -> contextlib.AbstractContextManager:
     """Gather the ZeRO-3 partitioned parameters of ``model`` for reading (no-op without ZeRO-3).
 
     A collective: every rank must enter it. ``trainable_only`` gathers only the parameters that require
     grad (adapters, projector), not the frozen base, which is all an adapter needs (7B: a few hundred MB
     instead of the whole 14 GB model materialised on every rank).
     """
-    params = [p for p in model.parameters()
-              if hasattr(p, "ds_id") and (p.requires_grad or not trainable_only)]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
+    return zero3.gathered(p for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global_zero: bool = True) -> Optional[Path]:
-    """Save the trained adapter of ``model`` in :func:`llava_san.peft.save_adapter` format.
+def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global_zero: bool = True,
+                       adapter: Optional[AdapterRecipe] = None) -> Optional[Path]:
+    """Save what ``model`` trained to the folder ``directory``, as its adapter recipe does
+    (:meth:`AdapterRecipe.save`: LoRA/DoRA/SAN in :func:`llava_san.peft.save_adapter` format; without an
+    adapter, the trained tensors such as the projector as ``extra_trainable.safetensors``).
 
     Call on every rank, after training: γ̄ is averaged across the data-parallel ranks first
     (``docs/san.md`` §4; :func:`llava_san.peft.sync_gamma_ema` is a no-op on one process), then the trained
     parameters are gathered (ZeRO-3 partitions them; a collective) and rank 0 writes. Saving the
     partitioned placeholders instead is LLaVA's known ZeRO-3 failure (empty tensors in the adapter);
-    ``save_adapter`` refuses such a tensor. A model without adapter (``peft=none``) saves its trained
-    tensors (the projector) as ``extra_trainable.safetensors``.
+    ``save_adapter`` refuses such a tensor. ``adapter=None`` (a caller without the run's recipe): a
+    ``PeftModel`` saves as LoRA/DoRA, anything else its trained tensors.
     """
-    from peft import PeftModel
-    from safetensors.torch import save_file
-
-    from .peft import save_adapter, sync_gamma_ema
-    from .peft.adapter_io import save_extra_only
-
+    save = adapter.save if adapter is not None else (save_adapter if isinstance(model, PeftModel)
+                                                     else save_extra_only)
     sync_gamma_ema(model)  # every rank, before anything is written: all ranks then hold the mean γ̄
     # only trainable tensors are saved (γ̄ are buffers, never partitioned); the frozen base is not gathered
     with gathered(model, trainable_only=True):
         if not is_global_zero:
             return None
-        if isinstance(model, PeftModel):
-            return save_adapter(model, directory)
-        return save_extra_only(model, directory)
+        return save(model, directory)
 
 
-def is_partitioned(model: nn.Module) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitions ``model``'s parameters (each rank holds a slice of each)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-def export_merged(model: nn.Module, processor: Any, directory: str | os.PathLike) -> Path:
-    """Write a plain transformers checkpoint (adapters and SAN folded in) plus the processor, atomically.
+def export_merged(model: nn.Module, processor: Any, directory: str | os.PathLike,
+                  adapter: Optional[AdapterRecipe] = None) -> Path:
+    """Write a plain transformers checkpoint (adapters and SAN folded in by the recipe's
+    :meth:`AdapterRecipe.merge`) plus the processor, atomically.
 
     ``model`` is consumed when it is a ``PeftModel`` (merged in place). Load it back with
     ``LlavaForConditionalGeneration.from_pretrained(directory)``. A ZeRO-3 partitioned model cannot be
-    merged in place (each rank holds slices): use :func:`export_merged_from_adapter`.
+    merged in place (each rank holds slices): use :func:`export_merged_from_adapter`. ``adapter=None``:
+    a ``PeftModel`` is merged as LoRA/DoRA (+ SAN), anything else written as it is.
     """
-    from peft import PeftModel
-
-    from .peft import merge_san
-
-    if is_partitioned(model):
+    if zero3.any_partitioned(model):
         raise ValueError("export_merged: the model is partitioned by ZeRO-3; rebuild the base and fold the "
                          "saved adapter into it with export_merged_from_adapter")
-    plain = merge_san(model) if isinstance(model, PeftModel) else model
-    return _save_plain(plain, processor, directory)
+    merge = adapter.merge if adapter is not None else LoraRecipe.merge
+    return _save_plain(merge(model), processor, directory)
 
 
 def export_merged_from_adapter(model_factory: Any, adapter_dir: str | os.PathLike, processor: Any,
                                directory: str | os.PathLike) -> Path:
     """The merged checkpoint of a run rebuilt from its saved adapter: a fresh base from ``model_factory``
     (the run's ``model.build``, same seed and paths), :func:`~llava_san.peft.apply_adapter_folder` with
-    ``merge``, then written like :func:`export_merged`.
+    ``merge`` (the folder's own recipe loads and merges it), then written like :func:`export_merged`.
 
     The route for ZeRO-3 runs, on rank 0 after :func:`save_final_adapter`: the base is built whole in
     host memory once more (bf16 7B: 14 GB), never partitioned.
     """
-    from .peft import apply_adapter_folder
-
     built = model_factory()
     base, built_processor = built if isinstance(built, tuple) else (built, None)
     plain = apply_adapter_folder(base, adapter_dir, merge=True)

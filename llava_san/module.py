@@ -8,8 +8,9 @@ What it trains (the LLaVA-1.5 LoRA recipe)::
     lm_head, embeddings ── frozen
 
 The model is built in :meth:`configure_model` (not ``__init__``) so that DeepSpeed ZeRO-3 partitions the
-weights while they are created. ``lora_config=None`` (``peft=none``) applies no adapter: only the
-projector trains (LLaVA's stage-1 setting); its output is a projector-only adapter file.
+weights while they are created. What trains beside the projector is one adapter recipe
+(:mod:`llava_san.peft.recipes`, the ``peft`` config group): LoRA/DoRA with optional SAN, none (only the
+projector trains, LLaVA's stage-1 setting) or full fine-tuning.
 
 Checkpoints (Lightning ``.ckpt``) keep only the trained tensors, SAN's γ̄ buffers and the optimiser
 state, never the frozen base: :meth:`on_save_checkpoint` filters the state dict, and
@@ -31,11 +32,11 @@ from typing import Any, Callable, Optional
 import lightning as L
 from lightning.pytorch.strategies import DeepSpeedStrategy
 import torch
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 
 from .peft import (
-    SanConfig,
-    get_san_model,
+    AdapterRecipe,
+    NoAdapter,
     san_gamma_stats,
     san_regularization,
     set_gamma_logging,
@@ -53,19 +54,16 @@ CKPT_KEY = "llava_san"
 
 
 class LlavaSanModule(L.LightningModule):
-    """LLaVA-1.5 with peft LoRA/DoRA (+ SAN), built lazily.
+    """LLaVA-1.5 with an adapter recipe (peft LoRA/DoRA + SAN, none, or full fine-tuning), built lazily.
 
     Args:
         model_factory: a callable returning ``(LlavaForConditionalGeneration, processor)`` or a model
             (``conf/model/*.yaml: build``, a Hydra ``_partial_``).
-        lora_config: peft ``LoraConfig`` (``use_dora`` for DoRA); ``None`` = no adapter.
-        san_config: :class:`llava_san.peft.SanConfig`; ``None`` = stock peft.
+        adapter: the :class:`~llava_san.peft.recipes.AdapterRecipe` (``instantiate(cfg.peft)``);
+            ``None`` = :class:`~llava_san.peft.recipes.NoAdapter` (only the projector trains).
         optim: :class:`llava_san.training.OptimConfig` (learning rates, AdamW, cosine warm-up).
         train_projector: train LLaVA's multimodal projector (LLaVA recipe: yes).
         gradient_checkpointing: non-reentrant activation checkpointing of the language model.
-        full_finetune: train every weight (vision tower, projector, language model, embeddings) at
-            ``optim.lr`` instead of adapters; needs ``lora_config=None`` (``peft=full``). Used to build the
-            pretrained base of the SAN study (:mod:`evaluation.study`).
         log_gamma_every_n_steps: log SAN γ statistics every this many optimiser steps (0: never).
         data_processor: the processor the datamodule prepares batches with (built before the model);
             :meth:`configure_model` checks it fits the built model's processor before any step.
@@ -74,26 +72,18 @@ class LlavaSanModule(L.LightningModule):
     def __init__(
         self,
         model_factory: Callable[[], Any],
-        lora_config: Optional[LoraConfig] = None,
-        san_config: Optional[SanConfig] = None,
+        adapter: Optional[AdapterRecipe] = None,
         optim: Optional[OptimConfig] = None,
         train_projector: bool = True,
         gradient_checkpointing: bool = False,
         log_gamma_every_n_steps: int = 50,
         data_processor: Any = None,
-        full_finetune: bool = False,
     ) -> None:
         super().__init__()
-        if san_config is not None and lora_config is None:
-            raise ValueError("a SAN config needs a LoRA/DoRA adapter (peft.lora_config), "
-                             "got lora_config=None")
-        if full_finetune and lora_config is not None:
-            raise ValueError("full_finetune trains every weight: it takes no adapter (use peft=full, "
-                             "whose lora_config is null)")
-        self.full_finetune = bool(full_finetune)
+        if adapter is not None and not isinstance(adapter, AdapterRecipe):
+            raise TypeError(f"adapter must be an AdapterRecipe (instantiate(cfg.peft)), got {type(adapter).__name__}")
         self.model_factory = model_factory
-        self.lora_config = lora_config
-        self.san_config = san_config
+        self.adapter: AdapterRecipe = adapter if adapter is not None else NoAdapter()
         self.optim = optim or OptimConfig()
         self.train_projector = train_projector
         self.gradient_checkpointing = gradient_checkpointing
@@ -111,16 +101,15 @@ class LlavaSanModule(L.LightningModule):
     # model
     # ------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Build the model (once): freeze it, apply LoRA/DoRA (+ SAN), unfreeze the projector."""
+        """Build the model (once): the adapter recipe sets what trains (e.g. frozen base + LoRA/DoRA + SAN),
+        then the projector is unfrozen."""
         if self.model is not None:
             return
         built = self.model_factory()
         model, processor = built if isinstance(built, tuple) else (built, None)
         if self.data_processor is not None and processor is not None:
             check_same_processor(self.data_processor, processor)
-        model.requires_grad_(self.full_finetune)  # frozen unless full fine-tuning
-        if self.lora_config is not None:
-            model = get_san_model(model, self.lora_config, self.san_config)
+        model = self.adapter.apply(model)
         if self.train_projector:
             set_projector_trainable(model, True)
         if self.gradient_checkpointing:
@@ -145,20 +134,14 @@ class LlavaSanModule(L.LightningModule):
 
     def fingerprint(self) -> dict:
         """Plain-data identity of the model (checked when a checkpoint is loaded)."""
-        fp = _fingerprint(self.model)
-        fp["adapter"] = None if self.lora_config is None else {
-            "r": int(self.lora_config.r), "use_dora": bool(self.lora_config.use_dora)}
-        fp["san"] = None if self.san_config is None else self.san_config.propagation
-        if self.full_finetune:
-            fp["full_finetune"] = True
-        return fp
+        return {**_fingerprint(self.model), **self.adapter.describe()}
 
     # ------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------
     def _gamma_step(self) -> bool:
         n = self.log_gamma_every_n_steps
-        return n > 0 and self.san_config is not None and self.trainer.global_step % n == 0
+        return n > 0 and self.adapter.san is not None and self.trainer.global_step % n == 0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._t_batch is None:

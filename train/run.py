@@ -26,11 +26,11 @@ from llava_san.checkpoint import (
     AtomicCheckpointIO,
     export_merged,
     export_merged_from_adapter,
-    is_partitioned,
     resolve_ckpt_path,
     save_final_adapter,
     tidy_checkpoint_dir,
 )
+from llava_san.distributed import any_partitioned
 from llava_san.training import BadSampleReport, ConfigAtTrainStart, MetricsRecorder, write_metrics
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,9 @@ def run(cfg: DictConfig) -> dict:
 
     processor = instantiate(cfg.model.processor)
     datamodule = instantiate(cfg.data, processor=processor)
-    lora_config = instantiate(cfg.peft.lora_config) if cfg.peft.get("lora_config") else None
-    san_config = instantiate(cfg.peft.san) if cfg.peft.get("san") else None
+    adapter = instantiate(cfg.peft)  # an AdapterRecipe (llava_san.peft.recipes)
     module = instantiate(cfg.module)(
-        model_factory=instantiate(cfg.model.build), lora_config=lora_config, san_config=san_config,
+        model_factory=instantiate(cfg.model.build), adapter=adapter,
         optim=instantiate(cfg.optim), data_processor=processor)
 
     recorder, bad_samples = MetricsRecorder(), BadSampleReport()
@@ -110,7 +109,7 @@ def run(cfg: DictConfig) -> dict:
     metrics.update(recorder.metrics())
     metrics.update(bad_samples.metrics(trainer))
 
-    save_final_adapter(module.model, cfg.paths.adapter_dir, trainer.is_global_zero)
+    save_final_adapter(module.model, cfg.paths.adapter_dir, trainer.is_global_zero, adapter)
     report = None
     if cfg.get("evaluate") and trainer.is_global_zero:
         if trainer.world_size > 1:
@@ -124,11 +123,11 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         _log_summary(trainer.loggers, metrics, trainer.global_step)
     if cfg.get("export") and trainer.is_global_zero:
-        if is_partitioned(module.model):  # ZeRO-3: each rank holds slices; fold the saved adapter instead
+        if any_partitioned(module.model):  # ZeRO-3: each rank holds slices; fold the saved adapter instead
             export_merged_from_adapter(module.model_factory, cfg.paths.adapter_dir, module.processor or processor,
                                        cfg.paths.merged_dir)
         else:
-            export_merged(module.model, module.processor or processor, cfg.paths.merged_dir)
+            export_merged(module.model, module.processor or processor, cfg.paths.merged_dir, adapter)
     if trainer.is_global_zero:
         write_metrics(out / "metrics.json", metrics)
         print(f"\nrun folder: {out} (metrics.json, adapter/); {trainer.global_step} steps in "

@@ -9,9 +9,9 @@ from .adapters import (
     set_projector_trainable,
     trainable_parameters,
 )
-from .san import (
-    SanConfig,
-    SanLoraLinear,
+from .san import SanLoraLinear
+from .san_config import SanConfig
+from .san_model import (
     attach_san,
     get_san_model,
     get_san_state,
@@ -22,9 +22,14 @@ from .san import (
     set_gamma_logging,
     sync_gamma_ema,
 )
-from .adapter_io import apply_adapter_folder, load_adapter, save_adapter
+from .adapter_io import load_adapter, save_adapter
+from .recipes import AdapterRecipe, FullFinetune, LoraRecipe, NoAdapter, apply_adapter_folder
 
 __all__ = [
+    "AdapterRecipe",
+    "FullFinetune",
+    "LoraRecipe",
+    "NoAdapter",
     "LLAMA_MODULE_TYPES",
     "SanConfig",
     "SanLoraLinear",

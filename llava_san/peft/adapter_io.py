@@ -7,7 +7,13 @@ Layout of an adapter folder::
     san_config.json              SanConfig with its resolved source -> target pairs (absent without SAN)
     san_state.safetensors        every SAN tensor (γ̄ buffers ``<layer>.san_gamma_ema``)
     extra_trainable.safetensors  other trained tensors, e.g. LLaVA's projector (absent if none)
-    llava_san_adapter.json       manifest: base model class, text-model shapes, adapted layer shapes
+    llava_san_adapter.json       manifest: base model class, text-model shapes, adapted layer shapes,
+                                 and its ``kind``, which names the recipe that loads it
+                                 (:mod:`llava_san.peft.recipes`: ``adapter``, ``projector_only``,
+                                 ``trained_weights``)
+
+A folder of kind ``projector_only``/``trained_weights`` (no adapter) holds only
+``extra_trainable.safetensors`` and the manifest (:func:`save_extra_only`, :func:`load_extra_only`).
 
 The folder is written atomically (a reader never sees half of it). Loading checks the manifest
 against the base model first, so an adapter from another architecture fails with a clear message
@@ -25,9 +31,11 @@ from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_mode
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..distributed.zero3 import full_shape, is_placeholder
 from ..utils.atomic import atomic_dir
-from .adapters import adapted_module_names, base_transformers_model, is_adapter_param
-from .san import SanConfig, get_san_model, get_san_state, san_config_json
+from .adapters import adapted_module_names, base_transformers_model, is_adapter_param, is_projector_param
+from .san_config import SanConfig, san_config_json
+from .san_model import get_san_model, get_san_state
 
 MANIFEST = "llava_san_adapter.json"
 SAN_CONFIG = "san_config.json"
@@ -50,9 +58,9 @@ def _fingerprint(model: nn.Module) -> dict[str, Any]:
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
-    # A ZeRO-3 parameter that was not gathered is an empty placeholder (numel 0; state_dict() copies lose
-    # its ds_numel): saving it is LLaVA's known ZeRO-3 failure (an adapter of empty tensors). Refuse it.
-    if t.numel() == 0 or (hasattr(t, "ds_numel") and t.numel() != t.ds_numel):
+    # saving an ungathered ZeRO-3 placeholder is LLaVA's known ZeRO-3 failure (an adapter of empty
+    # tensors): refuse it
+    if is_placeholder(t):
         raise ValueError(
             "save_adapter got a ZeRO-3 partitioned tensor (not gathered); save with "
             "llava_san.checkpoint.save_final_adapter on every rank, which gathers the trained tensors")
@@ -70,8 +78,8 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike) -> Path:
     base = base_transformers_model(model)
     state = get_san_state(model)
     extra = {n: _cpu(p) for n, p in base.named_parameters() if p.requires_grad and not is_adapter_param(n)}
-    # ds_shape: under ZeRO-3 the frozen base weight is a [0] placeholder (it is not gathered for saving)
-    adapted = {n: list(getattr(w, "ds_shape", w.shape)) for n, w in
+    # full_shape: under ZeRO-3 the frozen base weight is a placeholder (it is not gathered for saving)
+    adapted = {n: list(full_shape(w)) for n, w in
                ((n, base.get_submodule(n).get_base_layer().weight) for n in adapted_module_names(model))}
     manifest = {
         "format": "llava-san-adapter",
@@ -108,9 +116,7 @@ def _lora_settings(cfg: LoraConfig) -> dict[str, Any]:
 def save_extra_only(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write a model's trained tensors without any adapter, atomically, with a manifest of kind
     ``projector_only`` (``peft=none``: LLaVA's projector) or ``trained_weights`` (``peft=full``: every
-    trained weight). :func:`apply_adapter_folder` loads either."""
-    from .adapters import is_projector_param
-
+    trained weight). :func:`load_extra_only` loads either."""
     base = base_transformers_model(model)
     extra = {n: _cpu(p) for n, p in base.named_parameters() if p.requires_grad}
     kind = "projector_only" if all(is_projector_param(n) for n in extra) else "trained_weights"
@@ -182,12 +188,20 @@ def _lora_config(directory: Path, manifest: dict) -> LoraConfig:
     return cfg
 
 
-def check_compatible(base_model: nn.Module, directory: str | os.PathLike) -> dict:
-    """Raise ``ValueError`` if the adapter in ``directory`` was trained on another architecture/shape."""
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of an adapter folder (``llava_san_adapter.json``), checked to be one."""
     directory = Path(directory)
     manifest = _read_json(directory / MANIFEST)
     if manifest.get("format") != "llava-san-adapter":
         raise ValueError(f"{directory / MANIFEST} is not a llava-san adapter manifest")
+    return manifest
+
+
+def check_compatible(base_model: nn.Module, directory: str | os.PathLike) -> dict:
+    """Raise ``ValueError`` if the adapter in ``directory`` was trained on another architecture/shape;
+    returns its manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
     here = _fingerprint(base_model)
     theirs = {k: manifest.get(k) for k in here}
     if here != theirs:
@@ -221,7 +235,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
     manifest = check_compatible(base_model, directory)
     if manifest.get("kind", "adapter") != "adapter":
         raise ValueError(f"{directory / MANIFEST} is a {manifest['kind']!r} folder, not a LoRA/DoRA adapter: "
-                         "load it with apply_adapter_folder")
+                         "load it with llava_san.peft.apply_adapter_folder")
     lora_config = _lora_config(directory, manifest)
     if manifest["san"]:
         try:
@@ -256,28 +270,14 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
     return model
 
 
-def apply_adapter_folder(model: nn.Module, directory: str | os.PathLike, merge: bool = True) -> nn.Module:
-    """A training run's ``adapter/`` folder onto a fresh base ``model``, for inference or export.
-
-    Two kinds of folder: a :func:`save_adapter` folder (LoRA/DoRA/SAN, plus the projector): loaded
-    with :func:`load_adapter` and, with ``merge``, folded into the weights by
-    :func:`~llava_san.peft.merge_san` (a plain transformers model comes back); or a projector-only
-    folder (``peft=none`` runs: just ``extra_trainable.safetensors``), copied into ``model``.
-    """
-    from .san import merge_san
-
+def load_extra_only(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Copy the tensors of a :func:`save_extra_only` folder (kind ``projector_only`` or
+    ``trained_weights``) into ``model``, in place; its ``requires_grad`` flags and mode are left as they are."""
     directory = Path(directory)
-    if not (directory / MANIFEST).is_file():
-        raise FileNotFoundError(
-            f"adapter folder {directory} has no {MANIFEST}: it is incomplete or was not written by llava-san "
-            f"(its files: {sorted(p.name for p in directory.iterdir()) if directory.is_dir() else 'none'}); "
-            "nothing is loaded from it")
     manifest = check_compatible(model, directory)
-    if manifest.get("kind", "adapter") == "adapter":
-        peft_model = load_adapter(model, directory)
-        return merge_san(peft_model) if merge else peft_model
-    if manifest["kind"] not in ("projector_only", "trained_weights"):
-        raise ValueError(f"{directory / MANIFEST}: unknown kind {manifest['kind']!r}")
+    if manifest.get("kind", "adapter") not in ("projector_only", "trained_weights"):
+        raise ValueError(f"{directory / MANIFEST} is a {manifest.get('kind', 'adapter')!r} folder, not a "
+                         "projector-only or trained-weights folder: load it with load_adapter")
     extra = directory / EXTRA
     tensors = _load_tensors(extra)
     _copy_into(model, tensors, list(manifest["extra_trainable"]), extra)

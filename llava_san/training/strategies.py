@@ -54,12 +54,14 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Any, Generator, Iterator, Mapping, Optional
+from typing import Any, Generator, Mapping, Optional
 
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from ..distributed.zero3 import hf_deepspeed_config
 
 AUTO = "auto"
 #: ZeRO sizes whose ``"auto"`` the HF Trainer derives from the model's hidden size (``hidden -> value``).
@@ -134,30 +136,6 @@ def resolve_auto(config: Mapping[str, Any], *, precision: str = "32-true",
     if unknown:
         raise ValueError(f"DeepSpeed config: no rule to resolve 'auto' for {unknown}; give a value")
     return cfg
-
-
-@contextmanager
-def hf_deepspeed_config(config: Mapping[str, Any]) -> Iterator[Any]:
-    """Keep a transformers ``HfDeepSpeedConfig`` of ``config`` alive inside the block (ZeRO-3 aware
-    ``from_pretrained``, ``from_config``, ``resize_token_embeddings``, peft's gathers).
-
-    transformers finds it through a module-level weakref; on exit the previous one (normally none) is
-    restored. The hidden-size ``"auto"`` values (known only once the model exists) are left out: DeepSpeed's
-    defaults for construction, which they do not affect.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    cfg = copy.deepcopy(dict(config))
-    zero = cfg.get("zero_optimization")
-    if isinstance(zero, dict):
-        cfg["zero_optimization"] = {k: v for k, v in zero.items() if v != AUTO}
-    previous = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter in transformers
-    live = hf_deepspeed.HfDeepSpeedConfig(cfg)
-    try:
-        yield live
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = previous
-        del live
 
 
 def _walk(d: Mapping[str, Any], prefix: str = "") -> Generator[tuple[str, Any], None, None]:

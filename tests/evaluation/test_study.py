@@ -157,7 +157,9 @@ def test_every_study_arm_composes(name):
                 instantiate(cfg.peft.san)
             assert cfg.optim.lr == 0.001 and cfg.seed == 3
     base = _compose(["experiment=study/base", *study.base_overrides])
-    assert base.peft.full_finetune and base.module.full_finetune and base.export
+    from llava_san.peft import FullFinetune
+
+    assert isinstance(instantiate(base.peft), FullFinetune) and base.export
 
 
 def test_study_experiments_choose_their_data():

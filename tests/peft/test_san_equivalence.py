@@ -7,7 +7,7 @@ from peft import LoraConfig
 
 from llava_san.models import TinyLlavaSpec, build_tiny_llama, build_tiny_llava
 from llava_san.peft import SanConfig, get_san_model, san_layers, set_gamma_logging
-from llava_san.peft.san import LAYERWISE_IN_BLOCK, LAYERWISE_NEXT_BLOCK
+from llava_san.peft.san_model import LAYERWISE_IN_BLOCK, LAYERWISE_NEXT_BLOCK
 
 SPEC = TinyLlavaSpec(text_layers=3)
 

@@ -81,13 +81,13 @@ def _train(stage, peft, tmp_path_factory, *overrides):
     seen: dict = {}
     save_final_adapter = run_module.save_final_adapter
 
-    def spy(model, directory, is_global_zero):
+    def spy(model, directory, is_global_zero, *args):
         # what the partitions hold before saving, and that saving them ungathered is refused
         seen["numel"] = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
         if stage == 3:
             with pytest.raises(ValueError, match="partitioned"):
                 save_adapter(model, out / "ungathered")
-        path = save_final_adapter(model, directory, is_global_zero)
+        path = save_final_adapter(model, directory, is_global_zero, *args)
         with gathered(model):  # the whole model, to read every trained value
             seen["trained"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         seen["gamma"] = {n: b.detach().clone() for n, b in model.named_buffers()

@@ -3,7 +3,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from llava_san.peft import SanConfig, get_san_model
+from llava_san.peft import LoraRecipe, SanConfig, get_san_model
 from llava_san.training.loss import causal_lm_loss
 
 TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -66,7 +66,8 @@ def test_training_step_skips_a_batch_of_only_bad_samples():
     from llava_san.models import build_tiny
     from llava_san.module import LlavaSanModule
 
-    module = LlavaSanModule(lambda: build_tiny(seed=0), lora_config=LoraConfig(r=2, target_modules=TARGETS))
+    module = LlavaSanModule(lambda: build_tiny(seed=0),
+                            adapter=LoraRecipe(LoraConfig(r=2, target_modules=TARGETS)))
     module.configure_model()
     empty = torch.zeros(0, 0, dtype=torch.long)
     assert module.training_step({"input_ids": empty, "attention_mask": empty, "labels": empty}, 0) is None

@@ -38,19 +38,23 @@ def test_model_config(option):
 def test_peft_config(option):
     from peft import LoraConfig
 
-    from llava_san.peft import SanConfig
+    from llava_san.peft import FullFinetune, LoraRecipe, NoAdapter, SanConfig
 
     cfg = _compose(f"peft={option}", "data=synthetic")
-    lora = instantiate(cfg.peft.lora_config) if cfg.peft.lora_config else None
-    san = instantiate(cfg.peft.san) if cfg.peft.san else None
+    recipe = instantiate(cfg.peft)
+    expected = {"none": NoAdapter, "full": FullFinetune}.get(option, LoraRecipe)
+    assert type(recipe) is expected
+    lora = getattr(recipe, "lora_config", None)
+    san = recipe.san
     assert (lora is None) == (option in ("none", "full"))
-    assert bool(cfg.peft.get("full_finetune")) == (option == "full")
+    assert (recipe.describe().get("full_finetune") is True) == (option == "full")
     if lora is not None:
         assert isinstance(lora, LoraConfig) and isinstance(lora.target_modules, (set, list))
         assert lora.use_dora == option.endswith("dora")
     assert (san is not None) == option.startswith("san_")
     if san is not None:
         assert isinstance(san, SanConfig) and isinstance(san.modules, tuple)
+        assert san.weight_side_scaling == "auto"
 
 
 def test_paper_peft_values():
