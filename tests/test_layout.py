@@ -8,9 +8,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "llava_san"
 ZERO3_ONLY = ("ds_id", "ds_status", "ds_shape", "ds_numel", "GatheredParameters")
 HOME = "llava_san/distributed/zero3.py"
-#: Temporary: the model builders still probe partitions themselves (their owner moves them to
-#: llava_san.distributed.zero3 and then removes this allow-list).
-ALLOWED = {"llava_san/models/builder.py", "llava_san/models/tiny.py"}
 
 
 def _code_names(path: Path) -> set[str]:
@@ -27,7 +24,7 @@ def test_zero3_knowledge_lives_in_one_module():
     offenders = {}
     for path in sorted(LIBRARY.rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel == HOME or rel in ALLOWED:
+        if rel == HOME:
             continue
         found = sorted(set(ZERO3_ONLY) & _code_names(path))
         if found:
@@ -35,6 +32,5 @@ def test_zero3_knowledge_lives_in_one_module():
     assert not offenders, f"ZeRO-3 internals outside {HOME}: {offenders}"
 
 
-def test_the_home_module_and_allow_list_exist():
+def test_the_home_module_exists():
     assert (ROOT / HOME).is_file()
-    assert all((ROOT / p).is_file() for p in ALLOWED)

@@ -6,6 +6,8 @@ from typing import Any
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from ..distributed import zero3
+
 
 def feature_layers(vision_feature_layer: Any) -> int | list[int]:
     """``vision_feature_layer`` as an int or a list of ints (Hydra lists and tuples accepted)."""
@@ -35,7 +37,7 @@ def check_layers(layers: int | list[int], num_layers: int, where: str) -> None:
 
 def embedding_rows(weight: torch.Tensor) -> int:
     """Rows of an embedding / lm_head weight, also when ZeRO-3 partitioned it (an empty placeholder)."""
-    return int(getattr(weight, "ds_shape", weight.shape)[0])
+    return int(zero3.full_shape(weight)[0])
 
 
 def check_model_processor(model: LlavaForConditionalGeneration, processor: Any, source: str = "") -> None:

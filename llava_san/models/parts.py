@@ -24,7 +24,6 @@ transformers' own ZeRO-3 loading: keep ``dtype`` equal to the trainer's precisio
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from ..distributed import zero3
 from .consistency import check_layers, check_model_processor, embedding_rows, feature_layers
 from .image_processor import load_clip_image_processor
 from .original_llava import MM_PROJECTOR_FILE, load_mm_projector
@@ -57,7 +57,6 @@ from .source import (
     resolve_dtype,
     rng_untouched,
 )
-from .tiny import without_hf_zero3, zero3_config, zero3_partition
 from .tokenizer import IMAGE_TOKEN, PAD_TOKEN
 
 _MULTI_DEVICE = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -263,20 +262,6 @@ def _load_towers(parts: _Parts, load_kw: dict):
     return lm, vision
 
 
-def _gathered_for_write(params: list) -> contextlib.AbstractContextManager:
-    """Make ZeRO-3 partitioned ``params`` whole for writing; rank 0's values are kept (sent to all).
-
-    Every rank computes the same write (same inputs), so keeping rank 0's loses nothing. A no-op for
-    unpartitioned parameters.
-    """
-    zero = [p for p in params if hasattr(p, "ds_id")]
-    if not zero:
-        return contextlib.nullcontext()
-    import deepspeed  # only under ZeRO-3: deepspeed's import costs seconds
-
-    return deepspeed.zero.GatheredParameters(zero, modifier_rank=0)
-
-
 def _mean_resize(lm, new_rows: int) -> None:
     """Grow input embeddings and lm_head to ``new_rows``, new rows = mean of the old ones (LLaVA's rule)."""
     old_rows = embedding_rows(lm.get_input_embeddings().weight)
@@ -287,7 +272,7 @@ def _mean_resize(lm, new_rows: int) -> None:
         modules = (lm.get_input_embeddings(), lm.get_output_embeddings())
         for emb in {id(m): m for m in modules if m is not None}.values():  # once if tied
             w = emb.weight
-            with _gathered_for_write([w]):
+            with zero3.gathered([w], for_write=True):  # rank 0's write is scattered to all
                 w[old_rows:] = w[:old_rows].float().mean(dim=0, keepdim=True).to(w.dtype)
 
 
@@ -329,16 +314,16 @@ def _projector(config: LlavaConfig, state: Optional[dict], like: torch.Tensor) -
 
 def _assemble(config: LlavaConfig, lm, vision, projector_state, tok) -> LlavaForConditionalGeneration:
     """Attach the loaded towers to a ``meta`` shell (no copy) and add the projector."""
-    zero3 = zero3_config()
-    with torch.device("meta"), without_hf_zero3():  # a shell only; ZeRO-3 cannot partition meta tensors
+    zero3_cfg = zero3.hf_zero3_config()
+    with torch.device("meta"), zero3.without_hf_zero3():  # a shell only; ZeRO-3 cannot partition meta tensors
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = vision
     model.model.language_model = lm.get_decoder() if not hasattr(lm, "model") else lm.model
     model.lm_head = lm.get_output_embeddings()
     # the loaded weights' device and dtype (= device_map and dtype; under ZeRO-3 DeepSpeed's precision)
     model.model.multi_modal_projector = _projector(config, projector_state, model.lm_head.weight)
-    if zero3 is not None:  # the projector and the resized embedding / lm_head join the partitioned rest
-        zero3_partition(model, zero3)
+    if zero3_cfg is not None:  # the projector and the resized embedding / lm_head join the partitioned rest
+        zero3.partition(model, zero3_cfg)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # a transformers change in the module layout; better to stop than train garbage
         raise RuntimeError(f"build_llava_from_parts: parameters left on the meta device: {leftover[:8]}")

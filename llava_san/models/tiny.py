@@ -12,12 +12,10 @@ so an image expands to ``(image_size / patch_size)**2`` ``<image>`` tokens (16 a
 Under DeepSpeed ZeRO-3 construction (a transformers ``HfDeepSpeedConfig`` alive, as inside
 ``DeepSpeedStrategy(zero_init=True)``'s sharded context) the builders here return the model with its
 parameters already partitioned, equal once gathered to the model built without DeepSpeed for the same
-``seed``. The ZeRO-3 helpers :func:`zero3_config`, :func:`without_hf_zero3` and :func:`zero3_partition`
-live here, the bottom of the models package, and :mod:`llava_san.models.builder` uses them too.
+``seed`` (the helpers live in :mod:`llava_san.distributed.zero3`).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
@@ -31,6 +29,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from ..distributed import zero3
 from .image_processor import CLIPImageProcessorPil
 from .tokenizer import IMAGE_TOKEN, build_tiny_tokenizer
 
@@ -121,78 +120,21 @@ def tiny_llava_config(spec: TinyLlavaSpec, processor: LlavaProcessor) -> LlavaCo
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# DeepSpeed ZeRO-3 construction
-# --------------------------------------------------------------------------------------------------
-def zero3_config() -> Optional[dict]:
-    """The DeepSpeed config of the live transformers ``HfDeepSpeedConfig`` if it is ZeRO-3, else ``None``.
-
-    While one is alive, transformers' ``from_pretrained``/``from_config`` build inside
-    ``deepspeed.zero.Init`` (parameters partitioned as each module is created) and its
-    ``resize_token_embeddings`` gathers; ``DeepSpeedStrategy(zero_init=True)`` keeps one alive while the
-    LightningModule's ``configure_model`` runs.
-    """
-    from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
-
-    return deepspeed_config() if is_deepspeed_zero3_enabled() else None
-
-
-@contextlib.contextmanager
-def without_hf_zero3() -> Iterator[None]:
-    """Hide the live ``HfDeepSpeedConfig`` from transformers: modules built inside are whole, unpartitioned.
-
-    For what must be built as without DeepSpeed: a random model (its values depend on the order of the
-    RNG draws, which transformers' ZeRO-3 construction changes) or a ``meta``-device shell (zero.Init
-    cannot partition meta tensors).
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    # transformers keeps the live config as a module-level weakref and has no public getter for it
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
-
-
-def zero3_partition(module: torch.nn.Module, config: dict) -> torch.nn.Module:
-    """Partition (ZeRO-3) every parameter of ``module`` that is not partitioned yet; values unchanged.
-
-    Each rank keeps its own slice of its own copy, so every rank must hold the same values (same seed,
-    same checkpoint). With partitioned parameters already in ``module`` (from ``from_pretrained`` under
-    ZeRO-3) the rest joins them (DeepSpeed's ``convert_to_zero_parameters``, as ``deepspeed.initialize``
-    does); otherwise ``deepspeed.zero.Init(module=...)`` partitions the whole module.
-    """
-    import deepspeed
-
-    params = list(module.parameters())
-    whole = [p for p in params if not hasattr(p, "ds_id")]
-    if not whole:
-        return module
-    anchor = next((p for p in params if hasattr(p, "ds_id")), None)
-    if anchor is not None:
-        anchor.convert_to_zero_parameters(param_list=whole)
-    else:
-        deepspeed.zero.Init(module=module, config_dict_or_path=config)
-    return module
-
-
 def _build_random(make, seed: int, dtype: torch.dtype):
     """``make()`` under ``seed`` (the global RNG untouched), cast, in eval mode; partitioned under ZeRO-3.
 
-    Under ZeRO-3 the model is built whole and partitioned right after (:func:`zero3_partition`):
+    Under ZeRO-3 the model is built whole and partitioned right after (:func:`llava_san.distributed.zero3.partition`):
     transformers' ZeRO-3 construction skips torch's default init and re-initialises module by module on
     rank 0 only, another sequence of RNG draws, so the values would differ from the same seed without
     DeepSpeed. The tiny model is a few MB; real models are loaded partitioned by ``from_pretrained``.
     """
-    config = zero3_config()
-    with torch.random.fork_rng(devices=[]), without_hf_zero3():
+    config = zero3.hf_zero3_config()
+    with torch.random.fork_rng(devices=[]), zero3.without_hf_zero3():
         torch.manual_seed(seed)
         model = make()
     model.to(dtype)
     if config is not None:
-        zero3_partition(model, config)
+        zero3.partition(model, config)
     model.eval()
     return model
 
