@@ -29,7 +29,7 @@ from .data.llava15_text import save_attached
 from .distributed import zero3
 from .peft import AdapterRecipe, LoraRecipe, apply_adapter_folder, save_adapter, sync_gamma_ema
 from .peft.adapter_io import save_extra_only
-from .utils.atomic import atomic_dir, atomic_file
+from .utils.atomic import atomic_dir, atomic_file, remove_stale_temporaries
 
 LAST = "last.ckpt"
 
@@ -98,8 +98,6 @@ def tidy_checkpoint_dir(checkpoint_dir: str | os.PathLike, resume_from: Optional
     """Before a run starts: remove the temporaries of writes a killed run left half-done, and, when
     continuing the run from its own ``last.ckpt``, the step checkpoints written after it (a killed run's
     future, which ``save_top_k`` no longer tracks). Never the checkpoint being resumed, never ``last.ckpt``."""
-    from .utils.atomic import remove_stale_temporaries
-
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         return []

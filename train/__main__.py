@@ -6,8 +6,7 @@ Multirun: ``python -m train -m peft=lora,san_lora seed=0,1`` (one folder and ``m
 import os
 
 # Before torch loads libgomp: threads that finish a parallel region sleep instead of spinning, so they
-# do not take the CPU from the dataloader workers (and, on these machines, each parallel op is ~4 ms
-# cheaper). An explicit OMP_WAIT_POLICY in the environment wins.
+# do not take the CPU from the dataloader workers. An explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra  # noqa: E402
@@ -16,7 +15,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from train.run import run
+    from train.run import run  # torch + lightning: not loaded for --help / --cfg / config errors
 
     metrics = run(cfg)
     return metrics.get("test/easyvqa_accuracy", metrics.get("train/loss_last"))

@@ -20,6 +20,7 @@ shape names -> ``shape``); :func:`question_type_from_text` derives the same from
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -209,7 +210,6 @@ def check_answer_map(answer_map: Optional[dict]) -> Optional[dict[str, str]]:
 
 
 def _map_tag(answer_map: dict[str, str]) -> str:
-    import hashlib
 
     return hashlib.sha1(json.dumps(answer_map, sort_keys=True).encode()).hexdigest()[:8]
 

@@ -14,6 +14,7 @@ Training is deterministic, so two builds give identical ids.
 from __future__ import annotations
 
 import functools
+import json
 
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -72,8 +73,6 @@ def _train_bpe(vocab_size: int) -> tuple[tuple[tuple[str, int], ...], tuple[tupl
     model = bpe.model
     vocab = bpe.get_vocab(with_added_tokens=False)
     # tokenizers keeps merges in the serialized model; read them back in rank order.
-    import json
-
     merges = json.loads(bpe.to_str())["model"]["merges"]
     merges = tuple(tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges)
     del model

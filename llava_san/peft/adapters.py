@@ -15,6 +15,7 @@ from typing import Iterable
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 #: The seven LLaMA projections, in block (forward) order: attention then MLP.
@@ -103,8 +104,6 @@ def base_transformers_model(model: nn.Module) -> nn.Module:
 
 def adapted_module_names(model: nn.Module) -> list[str]:
     """Names (relative to the transformers model) of the modules that carry a LoRA/DoRA adapter."""
-    from peft.tuners.lora import LoraLayer
-
     base = base_transformers_model(model)
     return [n for n, m in base.named_modules() if isinstance(m, LoraLayer)]
 

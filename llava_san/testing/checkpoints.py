@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -245,8 +246,6 @@ def write_tiny_llava_hf(
         processor.save_pretrained(path)
         save_attached(processor.tokenizer, path)
         return path
-    from safetensors.torch import save_file
-
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)
     model.generation_config.save_pretrained(path)

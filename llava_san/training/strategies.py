@@ -52,11 +52,13 @@
 """
 from __future__ import annotations
 
+import argparse
 import copy
 from contextlib import contextmanager
 from typing import Any, Generator, Mapping, Optional
 
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -186,8 +188,6 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
             return super().setup_distributed()
         # Lightning's version first checks that device indices equal the local ranks; CPU devices have
         # index None. The rest is the same: seed, ranks, deepspeed.init_distributed (gloo on CPU).
-        from lightning.fabric.utilities.seed import reset_seed
-
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
@@ -227,9 +227,7 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         # Lightning passes args.device_rank = root_device.index, None for a CPU device, which DeepSpeed
         # compares with 0 (TypeError); and a negative rank would make it assume world size 1. The CPU
         # accelerator's device for a rank is "cpu" whatever the index, so pass the local rank.
-        import argparse
-
-        import deepspeed
+        import deepspeed  # costly import: only when this strategy sets up
 
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self.local_rank),
