@@ -1,6 +1,6 @@
 """Evaluation of llava-san models exactly as LLaVA-1.5 evaluates (``docs/benchmarks.md``).
 
-* :mod:`evaluation.benchmarks` -- one module per benchmark (question readers with LLaVA's prompts,
+* :mod:`evaluation.tasks` -- one module per benchmark (question readers with LLaVA's prompts,
   scorers, submission writers) and the registry ``get_benchmark(name)``;
 * :mod:`evaluation.score` -- ``python -m evaluation.score BENCHMARK --answers ...``;
 * :mod:`evaluation.normalize` -- the official answer normalisers and the VQA soft accuracy;

@@ -8,7 +8,7 @@
 2. load the model (:func:`load_model`): a training run folder (base rebuilt from the run's config +
    ``adapter/``), its ``merged/`` folder, a llava-hf checkpoint, or any ``conf/model`` config;
 3. answer the questions (:func:`generate_answers`): prompts exactly as LLaVA-1.5 builds them
-   (:mod:`evaluation.benchmarks`), encoded by the training data code, greedy in batches
+   (:mod:`evaluation.tasks`), encoded by the training data code, greedy in batches
    (:mod:`llava_san.generation`), appended to the answer file line by line;
 4. merge the chunk files of a sharded run (:func:`merge_answer_files`), score each benchmark
    (:func:`evaluation.score.score_benchmark`) and write ``metrics.json`` + ``report.md``/``report.json``
@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from evaluation.answers import AnswerFileError, canonical_id, read_answers
-from evaluation.benchmarks import BENCHMARKS, get_benchmark, llava_paths
-from evaluation.benchmarks.base import EvalQuestion
+from evaluation.tasks import BENCHMARKS, get_benchmark, llava_paths
+from evaluation.tasks.base import EvalQuestion
 from evaluation.files import DataFileError, atomic_write, write_json
 
 __all__ = [
@@ -115,7 +115,7 @@ def resolve_benchmark(
 
     Files: ``overrides`` (``questions``, ``image_folder``, ``annotations``, ``pid_splits``,
     ``split``; easy-vqa: ``cache_dir``) win over LLaVA's ``eval.zip`` layout under ``eval_root``
-    (:func:`evaluation.benchmarks.llava_paths`). easy-vqa is prepared in ``overrides["cache_dir"]``
+    (:func:`evaluation.tasks.llava_paths`). easy-vqa is prepared in ``overrides["cache_dir"]``
     (:func:`llava_san.data.easyvqa.prepare_easyvqa`). ``limit`` keeps the first questions. With
     ``check_images`` every image file of the kept questions must exist.
     """

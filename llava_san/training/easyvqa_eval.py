@@ -10,7 +10,7 @@ The questions are the test file that the data pipeline writes (:func:`llava_san.
   (:class:`llava_san.generation.PromptEncoder`, same ``tokenization`` and ``image_aspect_ratio`` as
   ``conf/data``): the prompt ids are the training sample's ids up to its answer;
 * answered greedily in batches with left padding (:func:`llava_san.generation.generate`);
-* scored by the project's easy-vqa scorer (:func:`evaluation.benchmarks.easyvqa.score`: normalised
+* scored by the project's easy-vqa scorer (:func:`evaluation.tasks.easyvqa.score`: normalised
   exact match), overall and per question type (``colour``, ``shape``, ``yes-no``).
 
 Baselines, scored the same way on the same questions: *majority* (always the most frequent training
@@ -39,7 +39,7 @@ def _key(question_type: str) -> str:
 
 def _scores(predictions: dict[str, str], truth: dict[str, dict]) -> tuple[float, dict[str, float]]:
     """(accuracy, accuracy per question type) of ``{question_id: text}`` with the project's scorer."""
-    from evaluation.benchmarks.easyvqa import score
+    from evaluation.tasks.easyvqa import score
 
     answers = [{"question_id": qid, "text": text} for qid, text in predictions.items()]
     out = score(answers, {qid: truth[qid] for qid in predictions})

@@ -16,10 +16,12 @@ Normaliser B of the output equals Normaliser B of the answer (as TextVQA normali
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.benchmarks.base import (
+from evaluation.tasks.task import Task
+from evaluation.tasks.base import (
     SHORT_ANSWER_SUFFIX,
     EvalQuestion,
     group_means,
@@ -134,3 +136,17 @@ def score_files(
     return score(
         answers, annotations, questions=questions, allow_missing=allow_missing, allow_unknown=allow_unknown
     )
+
+
+def _find_files(overrides: Mapping[str, Any]) -> dict[str, Path]:
+    """The test files that the data pipeline writes in its cache (``data.easyvqa.cache_dir``)."""
+    # imported here: the data pipeline pulls in torch and Lightning, which the scorers do not need
+    from llava_san.data.easyvqa import prepare_easyvqa
+
+    paths = prepare_easyvqa(str(overrides.get("cache_dir") or ".cache/easyvqa"))
+    return {"questions": Path(paths.test_questions), "image_folder": Path(paths.image_folder),
+            "annotations": Path(paths.test_answers)}
+
+
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
+            find_files=_find_files)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.benchmarks.base import (
+from evaluation.tasks.task import Task
+from evaluation.tasks.base import (
     VIZWIZ_SUFFIX,
     EvalQuestion,
     default_submission_path,
@@ -196,3 +197,8 @@ def score_files(
         )
         out = result(NAME, HEADLINE, {"n_questions": matched.coverage.expected}, matched.coverage)
     return out
+
+
+#: the test split has no ground truth: answers + upload file only.
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
+            write_submission=write_submission, annotations_optional=True)
