@@ -24,8 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from evaluation.tasks import BENCHMARKS, PAPER_BENCHMARKS, get_benchmark
 from evaluation.files import read_json, write_json, write_text
+from evaluation.tasks import BENCHMARKS, PAPER_BENCHMARKS, get_benchmark
 
 __all__ = [
     "REFERENCE_ROWS",

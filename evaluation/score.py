@@ -35,8 +35,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-from evaluation.tasks import BENCHMARKS, get_benchmark
 from evaluation.files import DataFileError, write_json
+from evaluation.tasks import BENCHMARKS, get_benchmark
 
 __all__ = ["main", "score_benchmark"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.tasks.task import Task
+from evaluation.files import DataFileError, write_json
 from evaluation.tasks.base import (
     SHORT_ANSWER_SUFFIX,
     EvalQuestion,
@@ -28,7 +28,7 @@ from evaluation.tasks.base import (
     resolve_image,
     result,
 )
-from evaluation.files import DataFileError, write_json
+from evaluation.tasks.task import Task
 
 NAME = "gqa"
 TITLE = "GQA"

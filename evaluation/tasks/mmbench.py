@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.tasks.task import Task
+from evaluation.files import DataFileError, check_utf8
 from evaluation.tasks.base import (
     MCQ_SUFFIX,
     EvalQuestion,
@@ -40,7 +40,7 @@ from evaluation.tasks.base import (
     mean,
     result,
 )
-from evaluation.files import DataFileError, check_utf8
+from evaluation.tasks.task import Task
 from evaluation.xlsx import write_xlsx
 
 NAME = "mmbench"

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.tasks.task import Task
-from evaluation.tasks.base import EvalQuestion, mean, read_llava_question_jsonl, result
 from evaluation.files import DataFileError, iter_jsonl
+from evaluation.tasks.base import EvalQuestion, mean, read_llava_question_jsonl, result
+from evaluation.tasks.task import Task
 
 NAME = "pope"
 TITLE = "POPE"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.tasks.task import Task
+from evaluation.files import DataFileError, read_json
 from evaluation.tasks.base import (
     DEFAULT_IMAGE_TOKEN,
     MCQ_SUFFIX,
@@ -36,7 +36,7 @@ from evaluation.tasks.base import (
     resolve_image,
     result,
 )
-from evaluation.files import DataFileError, read_json
+from evaluation.tasks.task import Task
 
 NAME = "scienceqa"
 TITLE = "SQA-IMG"

@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any, Iterable, Mapping
 
 from evaluation.answers import Answer, AnswerFileError, as_answers, canonical_id, match_answers
-from evaluation.tasks.task import Task
+from evaluation.files import DataFileError
 from evaluation.tasks.base import (
     SHORT_ANSWER_SUFFIX,
     EvalQuestion,
@@ -29,8 +29,8 @@ from evaluation.tasks.base import (
     read_llava_question_jsonl,
     result,
 )
-from evaluation.files import DataFileError
-from evaluation.normalize import normalize_evalai, vqa_soft_accuracy
+from evaluation.tasks.task import Task
+from llava_san.normalize import normalize_evalai, vqa_soft_accuracy
 
 NAME = "textvqa"
 TITLE = "TextVQA"

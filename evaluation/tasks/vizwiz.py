@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.tasks.task import Task
+from evaluation.files import DataFileError, read_json, write_json
 from evaluation.tasks.base import (
     VIZWIZ_SUFFIX,
     EvalQuestion,
@@ -34,8 +34,8 @@ from evaluation.tasks.base import (
     resolve_image,
     result,
 )
-from evaluation.files import DataFileError, read_json, write_json
-from evaluation.normalize import normalize_evalai, normalize_vqa, vqa_soft_accuracy
+from evaluation.tasks.task import Task
+from llava_san.normalize import normalize_evalai, normalize_vqa, vqa_soft_accuracy
 
 NAME = "vizwiz"
 TITLE = "VizWiz"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from evaluation.answers import Answer, as_answers, canonical_id, match_answers
-from evaluation.tasks.task import Task
+from evaluation.files import DataFileError, read_json, write_json
 from evaluation.tasks.base import (
     SHORT_ANSWER_SUFFIX,
     EvalQuestion,
@@ -35,8 +35,8 @@ from evaluation.tasks.base import (
     resolve_image,
     result,
 )
-from evaluation.files import DataFileError, read_json, write_json
-from evaluation.normalize import normalize_evalai, normalize_vqa, vqa_soft_accuracy
+from evaluation.tasks.task import Task
+from llava_san.normalize import normalize_evalai, normalize_vqa, vqa_soft_accuracy
 
 NAME = "vqav2"
 TITLE = "VQAv2"
