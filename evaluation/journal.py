@@ -97,6 +97,7 @@ class AnswerFile:
         os.fsync(self._fh.fileno())
 
     def close(self) -> None:
+        """Close the file (appending again reopens it)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
