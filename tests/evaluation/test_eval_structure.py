@@ -79,8 +79,8 @@ def test_no_benchmark_name_checks_outside_the_benchmark_module():
 
 
 def test_benchmark_names_are_written_only_in_the_registry_and_their_module():
-    """No list of benchmark names outside the registry (``SUBSET_SCORABLE = ("vqav2", ...)`` was one):
-    the property belongs to each Task. The SAN study (``evaluation/study``) names the benchmarks it
+    """No list of benchmark names outside the registry (such as a tuple of the benchmarks that share
+    some property): the property belongs to each Task. The SAN study (``evaluation/study``) names the benchmarks it
     runs as data and is not covered."""
     found = []
     for path in _modules(EVALUATION):
