@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from evaluation.generate import _question_image, resolve_benchmark
+    from evaluation.generate import question_image
+    from evaluation.resolve import resolve_benchmark
     from llava_san.generation import GenerationInput, PromptEncoder
 
     model, processor = trained_ish()
@@ -108,7 +109,7 @@ def main(argv=None) -> dict:
                                   limit=args.questions).questions
     enc = PromptEncoder(processor)
     t0 = time.perf_counter()
-    encoded = [enc(q.model_prompt(), _question_image(q)) for q in questions]
+    encoded = [enc(q.model_prompt(), question_image(q)) for q in questions]
     encode_s = time.perf_counter() - t0
 
     result = {

@@ -5,7 +5,7 @@ See ``conf/eval.yaml`` for every option, e.g.::
     python -m evaluation path=outputs/train/<run> benchmarks=[gqa,pope] eval_root=playground/data/eval
     python -m evaluation benchmarks=[easyvqa] limit=64
 
-The work is :func:`evaluation.generate.run` (tests call it directly). A wrong input (missing file,
+The work is :func:`evaluation.run.run` (tests call it directly). A wrong input (missing file,
 unknown benchmark, damaged answer file) logs ``error: ...`` and exits with status 1.
 """
 import logging
@@ -20,7 +20,7 @@ log = logging.getLogger("evaluation")
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from evaluation.files import DataFileError
-    from evaluation.generate import run
+    from evaluation.run import run
 
     try:
         results = run(cfg)

@@ -196,6 +196,23 @@ def _describe(key: Hashable) -> str:
     return repr(key)
 
 
+def _coverage(want: Counter, by_key: dict[Hashable, list[Answer]], unknown: list[Answer], answered: int,
+              key: Callable[[Answer], Hashable]) -> tuple[Coverage, list[Hashable]]:
+    """The :class:`Coverage` of a pairing, and the keys with fewer answers than expected."""
+    cov = Coverage(expected=sum(want.values()), answered=answered)
+    dup_keys = [k for k, lst in by_key.items() if len(lst) > want[k]]
+    cov.duplicates = sum(len(by_key[k]) - want[k] for k in dup_keys)
+    cov.duplicate_examples = [
+        f"{_describe(k)} on lines {', '.join(str(a.line) for a in by_key[k])}" for k in dup_keys[:N_EXAMPLES]
+    ]
+    missing_keys = [k for k, n in want.items() if len(by_key.get(k, ())) < n]
+    cov.missing = sum(want[k] - len(by_key.get(k, ())) for k in missing_keys)
+    cov.missing_examples = [_describe(k) for k in missing_keys[:N_EXAMPLES]]
+    cov.unknown = len(unknown)
+    cov.unknown_examples = [f"{_describe(key(a))} ({a.where()})" for a in unknown[:N_EXAMPLES]]
+    return cov, missing_keys
+
+
 def match_answers(
     answers: Iterable[Answer],
     expected: Iterable[Hashable] | Mapping[Hashable, int],
@@ -225,18 +242,7 @@ def match_answers(
         else:
             unknown.append(a)
 
-    cov = Coverage(expected=sum(want.values()), answered=len(answers))
-    dup_keys = [k for k, lst in by_key.items() if len(lst) > want[k]]
-    cov.duplicates = sum(len(by_key[k]) - want[k] for k in dup_keys)
-    cov.duplicate_examples = [
-        f"{_describe(k)} on lines {', '.join(str(a.line) for a in by_key[k])}" for k in dup_keys[:N_EXAMPLES]
-    ]
-    missing_keys = [k for k, n in want.items() if len(by_key.get(k, ())) < n]
-    cov.missing = sum(want[k] - len(by_key.get(k, ())) for k in missing_keys)
-    cov.missing_examples = [_describe(k) for k in missing_keys[:N_EXAMPLES]]
-    cov.unknown = len(unknown)
-    cov.unknown_examples = [f"{_describe(key(a))} ({a.where()})" for a in unknown[:N_EXAMPLES]]
-
+    cov, missing_keys = _coverage(want, by_key, unknown, len(answers), key)
     fatal = cov.duplicates or (cov.missing and not allow_missing) or (cov.unknown and not allow_unknown)
     if fatal:
         hints = []

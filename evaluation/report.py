@@ -24,8 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from evaluation.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, get_benchmark
 from evaluation.files import read_json, write_json, write_text
+from evaluation.tasks import BENCHMARKS, PAPER_BENCHMARKS, get_benchmark
 
 __all__ = [
     "REFERENCE_ROWS",
@@ -72,7 +72,7 @@ def headline_value(benchmark: str, metrics: Mapping[str, Any] | None) -> float |
     """``100 *`` the headline metric of a score result (None when absent)."""
     if not metrics:
         return None
-    key = metrics.get("headline") or get_benchmark(benchmark).HEADLINE
+    key = metrics.get("headline") or get_benchmark(benchmark).headline
     value = metrics.get(key)
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -125,7 +125,7 @@ def build_report(
         ours = [dict(r) for r in runs]
     rows = (reference_rows() if reference else []) + ours
     columns = _columns(rows)
-    titles = {b: get_benchmark(b).TITLE for b in columns}
+    titles = {b: get_benchmark(b).title for b in columns}
     return {"schema": SCHEMA, "title": title, "columns": columns, "titles": titles, "rows": rows}
 
 

@@ -9,7 +9,7 @@ metrics as fractions in [0, 1], ``coverage`` (expected / answered / missing / un
 and ``submission`` when an upload file was written. Logs go to stderr. Exit status: 0 on success,
 1 when the inputs are wrong (the message says which file, line or ids), 2 for a usage error.
 
-What each benchmark needs (see ``evaluation/benchmarks/<name>.py``):
+What each benchmark needs (see ``evaluation/tasks/<name>.py``):
 
 =========  ===========================================  ==========================================
 benchmark  --annotations                                 --questions
@@ -35,8 +35,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-from evaluation.benchmarks import BENCHMARKS, get_benchmark
 from evaluation.files import DataFileError, write_json
+from evaluation.tasks import BENCHMARKS, get_benchmark
 
 __all__ = ["main", "score_benchmark"]
 
@@ -62,14 +62,14 @@ def score_benchmark(
     benchmark-specific (``convention`` for vqav2, ``pid_splits`` for scienceqa); an option the
     benchmark does not take raises ``ValueError``.
     """
-    bench = get_benchmark(name)
-    if split is not None and not getattr(bench, "USES_SPLIT", False):
+    task = get_benchmark(name)
+    if split is not None and not task.uses_split:
         log.warning("%s does not use a split; --split %s ignored", name, split)
-    params = inspect.signature(bench.score_files).parameters
+    params = inspect.signature(task.score_files).parameters
     unsupported = sorted(k for k in options if k not in params)
     if unsupported:
         raise ValueError(f"{name} does not take option(s): {', '.join(unsupported)}")
-    return bench.score_files(
+    return task.score_files(
         answers,
         questions=questions,
         annotations=annotations,

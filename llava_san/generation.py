@@ -1,7 +1,9 @@
 """Batched greedy generation for LLaVA models, with left padding: the one generator of the project.
 
-``evaluation/generate.py`` (``python -m evaluation``) and the easy-vqa check at the end of training
-(:mod:`llava_san.training.easyvqa_eval`) both call :func:`generate_batch` / :func:`generate`.
+``python -m evaluation`` (:func:`evaluation.generate.generate_answers`) and the easy-vqa check at the
+end of training (:mod:`llava_san.training.easyvqa_eval`) both answer through :func:`answer_questions`:
+batches of questions, their images prepared in threads ahead of the batch being generated, each batch
+greedy-decoded by :func:`generate_batch`.
 
 What it reproduces: LLaVA-1.5's evaluation scripts (``model_vqa_loader``, ``model_vqa_science``,
 ``model_vqa_mmbench``) call ``model.generate(do_sample=False, temperature=0, num_beams=1,
@@ -30,14 +32,17 @@ same caveat as any batched inference: near-ties may resolve differently than at 
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
 __all__ = [
     "GenerationInput",
     "PromptEncoder",
+    "answer_questions",
     "decode",
     "generate",
     "generate_batch",
@@ -211,23 +216,82 @@ def decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
 
-def generate(model: torch.nn.Module, processor: Any, inputs: Sequence[GenerationInput], *,
-             batch_size: int = 16) -> list[str]:
-    """Answer texts of ``inputs`` in order, ``batch_size`` prompts per :func:`generate_batch` call.
+Q = TypeVar("Q")
 
-    Puts the model in ``eval()`` for the call and restores its mode afterwards.
+
+def _prefetched(batches: Sequence[Sequence[Q]], prepare: Callable[[Q], Any], workers: int,
+                depth: int = 2) -> Iterator[tuple[Sequence[Q], list[Any]]]:
+    """``(batch, [prepare(q) for q in batch])`` in order; with ``workers > 0`` the next ``depth``
+    batches are prepared in threads (image decoding + CLIP preprocessing) while one generates."""
+    if workers <= 0:
+        for b in batches:
+            yield b, [prepare(q) for q in b]
+        return
+    ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval-prep")
+    pending: deque = deque()
+    it = iter(batches)
+
+    def submit() -> None:
+        b = next(it, None)
+        if b is not None:
+            pending.append((b, [ex.submit(prepare, q) for q in b]))
+
+    try:
+        for _ in range(depth):
+            submit()
+        while pending:
+            b, futures = pending.popleft()
+            submit()
+            yield b, [f.result() for f in futures]
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _no_preparation(question: Any) -> None:
+    return None
+
+
+def answer_questions(model: torch.nn.Module, processor: Any, questions: Sequence[Q],
+                     encode: Callable[[Q, Any], GenerationInput], *,
+                     prepare: Callable[[Q], Any] = _no_preparation, batch_size: int = 16,
+                     num_workers: int = 0,
+                     on_batch: Optional[Callable[[Sequence[Q], list[str]], None]] = None) -> list[str]:
+    """The batched answer loop: answer texts of ``questions`` in order.
+
+    ``batch_size`` questions at a time: ``prepare(q)`` (image loading and preprocessing; run in
+    ``num_workers`` threads, two batches ahead, when ``num_workers > 0``), then ``encode(q, prepared)``
+    -> :class:`GenerationInput` in this thread (tokenizers are not shared across threads), then one
+    :func:`generate_batch` and :func:`decode`; ``on_batch(batch, texts)`` runs after each batch (an
+    answer file appends there). The model is put in ``eval()`` and restored to its mode afterwards.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tok = processor.tokenizer
+    batches = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
     was_training = model.training
     model.eval()
     texts: list[str] = []
     try:
-        for i in range(0, len(inputs), batch_size):
-            ids = generate_batch(model, inputs[i:i + batch_size], pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
-            texts += [decode(tok, x) for x in ids]
+        for batch, prepared in _prefetched(batches, prepare, num_workers):
+            inputs = [encode(q, x) for q, x in zip(batch, prepared)]
+            new = generate_batch(model, inputs, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            batch_texts = [decode(tok, x) for x in new]
+            if on_batch is not None:
+                on_batch(batch, batch_texts)
+            texts += batch_texts
     finally:
         model.train(was_training)
     return texts
+
+
+def _as_input(x: GenerationInput, prepared: Any) -> GenerationInput:
+    return x
+
+
+def generate(model: torch.nn.Module, processor: Any, inputs: Sequence[GenerationInput], *,
+             batch_size: int = 16) -> list[str]:
+    """Answer texts of already encoded ``inputs`` in order (:func:`answer_questions`, ``batch_size``
+    prompts per :func:`generate_batch` call). Puts the model in ``eval()`` for the call and restores
+    its mode afterwards.
+    """
+    return answer_questions(model, processor, inputs, _as_input, batch_size=batch_size)

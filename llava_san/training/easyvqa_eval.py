@@ -9,9 +9,10 @@ The questions are the test file that the data pipeline writes (:func:`llava_san.
   the training tokenizer code and image-processed by the training image code
   (:class:`llava_san.generation.PromptEncoder`, same ``tokenization`` and ``image_aspect_ratio`` as
   ``conf/data``): the prompt ids are the training sample's ids up to its answer;
-* answered greedily in batches with left padding (:func:`llava_san.generation.generate`);
-* scored by the project's easy-vqa scorer (:func:`evaluation.benchmarks.easyvqa.score`: normalised
-  exact match), overall and per question type (``colour``, ``shape``, ``yes-no``).
+* answered greedily in batches with left padding by the answer loop of ``python -m evaluation``
+  (:func:`llava_san.generation.answer_questions`);
+* scored by the easy-vqa scorer of ``python -m evaluation`` (:mod:`llava_san.easyvqa_score`:
+  normalised exact match), overall and per question type (``colour``, ``shape``, ``yes-no``).
 
 Baselines, scored the same way on the same questions: *majority* (always the most frequent training
 answer, ~0.37) and *blind* (per question text, its most frequent training answer, ~0.67 -- it needs
@@ -26,9 +27,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+
+from ..conversation import IMAGE_PLACEHOLDER
+from ..data.images import load_image
+from ..easyvqa_score import accuracy_by_type
+from ..generation import GenerationInput, PromptEncoder, answer_questions
 
 TYPES = ("colour", "shape", "yes-no")
 
@@ -39,11 +45,8 @@ def _key(question_type: str) -> str:
 
 def _scores(predictions: dict[str, str], truth: dict[str, dict]) -> tuple[float, dict[str, float]]:
     """(accuracy, accuracy per question type) of ``{question_id: text}`` with the project's scorer."""
-    from evaluation.benchmarks.easyvqa import score
-
-    answers = [{"question_id": qid, "text": text} for qid, text in predictions.items()]
-    out = score(answers, {qid: truth[qid] for qid in predictions})
-    return out["accuracy"], out["per_question_type"]
+    return accuracy_by_type((text, truth[qid]["answer"], truth[qid].get("question_type") or "all")
+                            for qid, text in predictions.items())
 
 
 def blind_predictions(questions: dict[str, str], answer_map: Optional[dict[str, str]] = None
@@ -118,37 +121,41 @@ class EasyVqaEvaluator:
     @staticmethod
     def message(row: dict) -> str:
         """The human turn of a test question: ``"<image>\\n" + text`` (LLaVA's ``model_vqa``)."""
-        from ..conversation import IMAGE_PLACEHOLDER
-
         return IMAGE_PLACEHOLDER + "\n" + row["text"]
 
-    def inputs(self, processor: Any, rows: list[dict], image_folder: str) -> list:
-        """:class:`~llava_san.generation.GenerationInput` per row (text and images encoded once each)."""
-        from ..data.images import load_image
-        from ..generation import GenerationInput, PromptEncoder
-
+    def encoding(self, processor: Any, image_folder: str) -> tuple[Callable[[dict], torch.Tensor],
+                                                                   Callable[[dict, torch.Tensor], GenerationInput]]:
+        """``(prepare, encode)`` of a question row for :func:`~llava_san.generation.answer_questions`:
+        pixel values per image file and token ids per message, each computed once (the caches are not
+        locked: prepare in the calling thread)."""
         encoder = PromptEncoder(processor, self.template, self.tokenization, self.image_aspect_ratio)
         ids: dict[str, list[int]] = {}
         pixels: dict[str, torch.Tensor] = {}
-        out = []
-        for row in rows:
+
+        def prepare(row: dict) -> torch.Tensor:
+            if row["image"] not in pixels:
+                pixels[row["image"]] = encoder.pixel_values(load_image(os.path.join(image_folder, row["image"])))
+            return pixels[row["image"]]
+
+        def encode(row: dict, pv: torch.Tensor) -> GenerationInput:
             msg = self.message(row)
             if msg not in ids:
                 ids[msg] = encoder.encode_text(msg)
-            if row["image"] not in pixels:
-                image = load_image(os.path.join(image_folder, row["image"]))
-                pixels[row["image"]] = encoder.pixel_values(image)
-            out.append(GenerationInput(ids[msg], pixels[row["image"]], self.max_new_tokens))
-        return out
+            return GenerationInput(ids[msg], pv, self.max_new_tokens)
+
+        return prepare, encode
+
+    def inputs(self, processor: Any, rows: list[dict], image_folder: str) -> list[GenerationInput]:
+        """:class:`~llava_san.generation.GenerationInput` per row, as :meth:`__call__` encodes them."""
+        prepare, encode = self.encoding(processor, image_folder)
+        return [encode(row, prepare(row)) for row in rows]
 
     def __call__(self, model: Any, processor: Any) -> dict[str, float]:
         """Answer the test questions with ``model`` (restored to its mode afterwards) and score them."""
-        from ..generation import generate
-
         t0 = time.perf_counter()
         rows, truth, image_folder = self.questions()
-        inputs = self.inputs(processor, rows, image_folder)
-        texts = generate(model, processor, inputs, batch_size=self.batch_size)
+        prepare, encode = self.encoding(processor, image_folder)
+        texts = answer_questions(model, processor, rows, encode, prepare=prepare, batch_size=self.batch_size)
         qids = [str(r["question_id"]) for r in rows]
         acc, by_type = _scores(dict(zip(qids, texts)), truth)
         majority, blind = blind_predictions({q: truth[q]["question"] for q in qids}, self.answer_map)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from evaluation.normalize import (
+from llava_san.normalize import (
     CONTRACTIONS,
     normalize_evalai,
     normalize_vqa,

@@ -32,12 +32,12 @@ def test_stored_without_outputs_and_without_logic(name):
 
 
 def _results_fixture(tmp_path):
-    from evaluation.benchmarks import PAPER_BENCHMARKS, get_benchmark
+    from evaluation.tasks import PAPER_BENCHMARKS, get_benchmark
     from evaluation.report import build_report, write_report
 
     def results(v):
         return {
-            b: {"headline": get_benchmark(b).HEADLINE, get_benchmark(b).HEADLINE: v}
+            b: {"headline": get_benchmark(b).headline, get_benchmark(b).headline: v}
             for b in (*PAPER_BENCHMARKS, "easyvqa")
         }
 

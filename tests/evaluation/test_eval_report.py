@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.benchmarks import PAPER_BENCHMARKS
+from evaluation.tasks import PAPER_BENCHMARKS
 from evaluation.report import (
     REFERENCE_ROWS,
     build_report,
@@ -25,9 +25,9 @@ def _results(scale=1.0, benchmarks=PAPER_BENCHMARKS):
     """Score-like dicts whose headline metric is 0.5 * scale (0.6 for easyvqa)."""
     out = {}
     for b in benchmarks:
-        from evaluation.benchmarks import get_benchmark
+        from evaluation.tasks import get_benchmark
 
-        key = get_benchmark(b).HEADLINE
+        key = get_benchmark(b).headline
         out[b] = {"benchmark": b, "headline": key, key: 0.6 if b == "easyvqa" else 0.5 * scale}
     return out
 

@@ -13,16 +13,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from evaluation.answers import AnswerFileError
-from evaluation.generate import (
-    AnswerFile,
-    LoadedModel,
-    answer_paths,
-    chunk_slice,
-    generate_answers,
-    merge_answer_files,
-    resolve_benchmark,
-    run,
-)
+from evaluation.generate import generate_answers
+from evaluation.journal import AnswerFile
+from evaluation.model_loading import LoadedModel
+from evaluation.resolve import resolve_benchmark
+from evaluation.run import run
+from evaluation.shards import answer_paths, chunk_slice, merge_answer_files
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 12  # easy-vqa questions used here
@@ -189,7 +185,7 @@ def test_launcher_runs_chunk_workers_then_merges(tiny, reference, tmp_path, monk
     eval_config chunk_idx=i`, one per device, then merge and score in the parent. The workers run in
     this process here (a fake Popen composes their command line with Hydra, as the CLI would), so the
     test needs no K interpreter starts (a real 2-process launch takes ~50 s on this CPU)."""
-    import evaluation.generate as gen
+    import evaluation.launch as launch
 
     launched = []
 
@@ -207,9 +203,9 @@ def test_launcher_runs_chunk_workers_then_merges(tiny, reference, tmp_path, monk
         def wait(self):
             return self.rc
 
-    monkeypatch.setattr(gen.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(launch.subprocess, "Popen", FakePopen)
     out = tmp_path / "launch"
-    results = gen.run(_cfg(out, "num_chunks=2", "model_id=tiny-test", "devices=[3,5]"))
+    results = run(_cfg(out, "num_chunks=2", "model_id=tiny-test", "devices=[3,5]"))
     assert launched == [(["chunk_idx=0"], "3"), (["chunk_idx=1"], "5")]
     merged, chunks = answer_paths(out, "easyvqa", 2)
     assert [len(_lines(c)) for c in chunks] == [6, 6]

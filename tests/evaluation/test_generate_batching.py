@@ -168,8 +168,9 @@ def test_prompt_encoder_is_the_training_encoding(setup):
 
 def test_training_evaluator_uses_the_generator(setup, monkeypatch):
     """The easy-vqa check at the end of training asks the prompts `python -m evaluation` asks, through
-    this generator (recorded by patching llava_san.generation.generate)."""
-    from evaluation.generate import resolve_benchmark
+    the shared answer loop (recorded by patching llava_san.generation.generate_batch, which
+    answer_questions calls)."""
+    from evaluation.resolve import resolve_benchmark
     from llava_san import generation
     from llava_san.data.images import load_image
     from llava_san.training.easyvqa_eval import EasyVqaEvaluator
@@ -178,11 +179,13 @@ def test_training_evaluator_uses_the_generator(setup, monkeypatch):
     cache = str(Path(__file__).resolve().parents[2] / ".cache" / "easyvqa")
     seen = []
 
-    def recording_generate(model, processor, inputs, batch_size=16):
-        seen.extend(inputs)
-        return generate(model, processor, inputs, batch_size=batch_size)
+    real_generate_batch = generation.generate_batch
 
-    monkeypatch.setattr(generation, "generate", recording_generate)
+    def recording_generate_batch(model, inputs, **kwargs):
+        seen.extend(inputs)
+        return real_generate_batch(model, inputs, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_batch", recording_generate_batch)
     EasyVqaEvaluator(cache_dir=cache, limit=5, max_new_tokens=4, batch_size=2)(model, processor)
     enc = PromptEncoder(processor)
     questions = resolve_benchmark("easyvqa", overrides={"cache_dir": cache}, limit=5).questions

@@ -12,7 +12,10 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from evaluation.answers import AnswerFileError
-from evaluation.generate import LoadedModel, generate_answers, load_model, resolve_benchmark, run
+from evaluation.generate import generate_answers
+from evaluation.model_loading import LoadedModel, load_model
+from evaluation.resolve import resolve_benchmark
+from evaluation.run import run
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache"

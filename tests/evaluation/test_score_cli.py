@@ -1,5 +1,6 @@
 """The registry and ``python -m evaluation.score``: one JSON object on stdout, errors on stderr."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.answers import write_answers
-from evaluation.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, EvalQuestion, get_benchmark, llava_paths
+from evaluation.tasks import BENCHMARKS, PAPER_BENCHMARKS, EvalQuestion, Task, get_benchmark, llava_paths
 from evaluation.score import main, score_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,10 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_registry_names_and_loud_errors():
     assert list(BENCHMARKS) == [*PAPER_BENCHMARKS, "easyvqa"]
     for name in BENCHMARKS:
-        mod = get_benchmark(name)
-        assert mod.NAME == name and mod.TITLE and mod.HEADLINE and mod.MAX_NEW_TOKENS in (128, 1024)
+        task = get_benchmark(name)
+        mod = importlib.import_module(BENCHMARKS[name])
+        assert task is mod.TASK and isinstance(task, Task)
+        assert task.name == mod.NAME == name and task.title == mod.TITLE and task.headline == mod.HEADLINE
+        assert task.max_new_tokens == mod.MAX_NEW_TOKENS in (128, 1024)
         for fn in ("load_questions", "score", "score_files"):
             assert callable(getattr(mod, fn)), (name, fn)
+            assert getattr(task, fn) is getattr(mod, fn), (name, fn)
     with pytest.raises(
         ValueError,
         match="unknown benchmark 'popee'; valid: vqav2, gqa, vizwiz, scienceqa, textvqa, pope, mmbench, "

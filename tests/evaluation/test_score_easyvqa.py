@@ -5,7 +5,7 @@ import json
 import pytest
 
 from evaluation.answers import AnswerSetError
-from evaluation.benchmarks import easyvqa
+from evaluation.tasks import easyvqa
 
 # qid -> (answer, question_type, category, prediction, correct?)
 CASES = {

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from evaluation.answers import AnswerSetError
-from evaluation.benchmarks import gqa
+from evaluation.tasks import gqa
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from evaluation.answers import AnswerSetError
-from evaluation.benchmarks import mmbench
+from evaluation.tasks import mmbench
 from evaluation.xlsx import read_xlsx
 
 MCQ = "\nAnswer with the option's letter from the given choices directly."

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from evaluation.answers import AnswerSetError
-from evaluation.benchmarks import pope
+from evaluation.tasks import pope
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from evaluation.answers import AnswerSetError
-from evaluation.benchmarks import scienceqa
+from evaluation.tasks import scienceqa
 
 MCQ = "\nAnswer with the option's letter from the given choices directly."
 

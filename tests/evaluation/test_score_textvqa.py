@@ -5,7 +5,7 @@ import json
 import pytest
 
 from evaluation.answers import AnswerFileError, AnswerSetError
-from evaluation.benchmarks import textvqa
+from evaluation.tasks import textvqa
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from evaluation.answers import AnswerSetError
-from evaluation.benchmarks import vizwiz
+from evaluation.tasks import vizwiz
 
 SUFFIX = (
     "\nWhen the provided information is insufficient, respond with 'Unanswerable'."

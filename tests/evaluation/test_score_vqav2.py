@@ -6,7 +6,7 @@ import json
 import pytest
 
 from evaluation.answers import AnswerSetError
-from evaluation.benchmarks import vqav2
+from evaluation.tasks import vqav2
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 

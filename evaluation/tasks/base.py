@@ -1,7 +1,7 @@
 """What every benchmark module shares: the question item, LLaVA's prompt suffixes and generation
 settings, and small readers.
 
-A benchmark module (``evaluation/benchmarks/<name>.py``) provides:
+A benchmark module (``evaluation/tasks/<name>.py``) provides:
 
 * ``NAME``, ``TITLE`` (column title in the report), ``HEADLINE`` (key of the headline metric in the
   result of ``score``), ``MAX_NEW_TOKENS`` and ``LLAVA_LAYOUT`` (where LLaVA's ``eval.zip`` puts the
@@ -11,7 +11,9 @@ A benchmark module (``evaluation/benchmarks/<name>.py``) provides:
 * ``score(answers, ...) -> dict``: metrics as fractions in [0, 1] plus ``coverage``;
 * ``score_files(answers, *, questions, annotations, split, submission, allow_missing, allow_unknown)``:
   what ``python -m evaluation.score`` calls;
-* ``write_submission(path, ...)`` where the benchmark has an upload format.
+* ``write_submission(path, ...)`` where the benchmark has an upload format;
+* ``TASK``: all of the above and the run's per-benchmark decisions as one
+  :class:`evaluation.tasks.task.Task`, which the registry returns.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Benchmark registry: ``get_benchmark("pope")`` returns the module for that benchmark.
+"""Benchmark registry: ``get_benchmark("pope")`` returns that benchmark's :class:`Task`.
 
-Each module follows the protocol described in :mod:`evaluation.benchmarks.base` (question reader,
-scorer, submission writer). Modules are imported on first use.
+Each module ``evaluation/tasks/<name>.py`` holds one benchmark (question reader with LLaVA's prompts,
+scorer, submission writer; shared pieces in :mod:`evaluation.tasks.base`) and ends with
+``TASK = Task(...)`` (:mod:`evaluation.tasks.task`). Modules are imported on first use. Adding a
+benchmark: its module, one line in :data:`BENCHMARKS`, its ``data.<name>`` entry in ``conf/eval.yaml``.
 
 Where the tools disagree (``docs/benchmarks.md`` section 8) every scorer follows the LLaVA-1.5 pipeline:
 
@@ -22,42 +24,40 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from types import ModuleType
 
-from evaluation.benchmarks.base import EvalQuestion
+from evaluation.tasks.base import EvalQuestion
+from evaluation.tasks.task import Task
 
-__all__ = ["BENCHMARKS", "PAPER_BENCHMARKS", "EvalQuestion", "get_benchmark", "llava_paths"]
+__all__ = ["BENCHMARKS", "PAPER_BENCHMARKS", "EvalQuestion", "Task", "get_benchmark", "llava_paths"]
 
 #: name -> module path. The seven LLaVA-1.5 benchmarks in the paper's column order, then easy-vqa.
 BENCHMARKS: dict[str, str] = {
-    "vqav2": "evaluation.benchmarks.vqav2",
-    "gqa": "evaluation.benchmarks.gqa",
-    "vizwiz": "evaluation.benchmarks.vizwiz",
-    "scienceqa": "evaluation.benchmarks.scienceqa",
-    "textvqa": "evaluation.benchmarks.textvqa",
-    "pope": "evaluation.benchmarks.pope",
-    "mmbench": "evaluation.benchmarks.mmbench",
-    "easyvqa": "evaluation.benchmarks.easyvqa",
+    "vqav2": "evaluation.tasks.vqav2",
+    "gqa": "evaluation.tasks.gqa",
+    "vizwiz": "evaluation.tasks.vizwiz",
+    "scienceqa": "evaluation.tasks.scienceqa",
+    "textvqa": "evaluation.tasks.textvqa",
+    "pope": "evaluation.tasks.pope",
+    "mmbench": "evaluation.tasks.mmbench",
+    "easyvqa": "evaluation.tasks.easyvqa",
 }
 
 #: The seven benchmarks of the paper's tables, in column order.
 PAPER_BENCHMARKS: tuple[str, ...] = ("vqav2", "gqa", "vizwiz", "scienceqa", "textvqa", "pope", "mmbench")
 
 
-def get_benchmark(name: str) -> ModuleType:
-    """The benchmark module registered as ``name``; an unknown name raises ``ValueError`` listing
-    the valid ones."""
+def get_benchmark(name: str) -> Task:
+    """The benchmark registered as ``name`` (its module's ``TASK``); an unknown name raises
+    ``ValueError`` listing the valid ones."""
     try:
         module = BENCHMARKS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}") from None
-    return importlib.import_module(module)
+    return importlib.import_module(module).TASK
 
 
 def llava_paths(name: str, eval_root: str | os.PathLike) -> dict[str, Path]:
     """Where LLaVA's ``eval.zip`` layout puts a benchmark's files under ``eval_root``
     (``playground/data/eval``): ``{"questions": ..., "image_folder": ..., "annotations": ...}``
     as far as the benchmark has them (easy-vqa has none)."""
-    layout = dict(get_benchmark(name).LLAVA_LAYOUT)
-    folder = Path(eval_root) / layout.pop("folder", name)
-    return {k: folder / v for k, v in layout.items()}
+    return get_benchmark(name).llava_paths(eval_root)

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.benchmarks.base import (
+from evaluation.files import DataFileError, read_json
+from evaluation.tasks.base import (
     DEFAULT_IMAGE_TOKEN,
     MCQ_SUFFIX,
     EvalQuestion,
@@ -35,7 +36,7 @@ from evaluation.benchmarks.base import (
     resolve_image,
     result,
 )
-from evaluation.files import DataFileError, read_json
+from evaluation.tasks.task import Task
 
 NAME = "scienceqa"
 TITLE = "SQA-IMG"
@@ -222,3 +223,14 @@ def score_files(
         allow_missing=allow_missing,
         allow_unknown=allow_unknown,
     )
+
+
+def _score_inputs(data: Any) -> dict[str, Any]:
+    """``pid_splits.json`` when the run found it (else the scorer looks beside problems.json)."""
+    if "pid_splits" in data.extra_files:
+        return {"pid_splits": data.extra_files["pid_splits"]}
+    return {}
+
+
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
+            uses_split=USES_SPLIT, extra_files=("pid_splits",), score_inputs=_score_inputs)

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from evaluation.answers import Answer, as_answers, canonical_id, match_answers
-from evaluation.benchmarks.base import (
+from evaluation.files import DataFileError, read_json, write_json
+from evaluation.tasks.base import (
     SHORT_ANSWER_SUFFIX,
     EvalQuestion,
     default_submission_path,
@@ -34,8 +35,8 @@ from evaluation.benchmarks.base import (
     resolve_image,
     result,
 )
-from evaluation.files import DataFileError, read_json, write_json
-from evaluation.normalize import normalize_evalai, normalize_vqa, vqa_soft_accuracy
+from evaluation.tasks.task import Task
+from llava_san.normalize import normalize_evalai, normalize_vqa, vqa_soft_accuracy
 
 NAME = "vqav2"
 TITLE = "VQAv2"
@@ -243,3 +244,17 @@ def score_files(
         )
         out = result(NAME, HEADLINE, {"n_questions": matched.coverage.expected}, matched.coverage)
     return out
+
+
+def _score_inputs(data: Any) -> dict[str, Any]:
+    """A full (not ``limit``-ed) run is scored over every test2015 id, as LLaVA's
+    ``convert_vqav2_for_submission`` ("" where test-dev has no answer)."""
+    if "submission_questions" in data.extra_files and not data.limited:
+        return {"questions": data.extra_files["submission_questions"], "allow_missing": True}
+    return {}
+
+
+#: test-dev has no ground truth: answers + upload file only.
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
+            write_submission=write_submission, annotations_optional=True,
+            extra_files=("submission_questions",), score_inputs=_score_inputs)

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.benchmarks.base import (
+from evaluation.files import DataFileError, check_utf8
+from evaluation.tasks.base import (
     MCQ_SUFFIX,
     EvalQuestion,
     default_submission_path,
@@ -39,7 +40,7 @@ from evaluation.benchmarks.base import (
     mean,
     result,
 )
-from evaluation.files import DataFileError, check_utf8
+from evaluation.tasks.task import Task
 from evaluation.xlsx import write_xlsx
 
 NAME = "mmbench"
@@ -355,3 +356,13 @@ def score_files(
         )
         out = result(NAME, HEADLINE, {"n_rows": matched.coverage.expected}, matched.coverage)
     return out
+
+
+def _score_inputs(data: Any) -> dict[str, Any]:
+    """The question TSV holds the answers too: it is the ground truth unless another is given."""
+    return {"annotations": data.annotations or data.questions_file}
+
+
+#: MMBench ids come from the TSV, so it is scored on the whole file.
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
+            write_submission=write_submission, scores_subset=False, score_inputs=_score_inputs)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.benchmarks.base import (
+from evaluation.files import DataFileError, read_json, write_json
+from evaluation.tasks.base import (
     VIZWIZ_SUFFIX,
     EvalQuestion,
     default_submission_path,
@@ -33,8 +34,8 @@ from evaluation.benchmarks.base import (
     resolve_image,
     result,
 )
-from evaluation.files import DataFileError, read_json, write_json
-from evaluation.normalize import normalize_evalai, normalize_vqa, vqa_soft_accuracy
+from evaluation.tasks.task import Task
+from llava_san.normalize import normalize_evalai, normalize_vqa, vqa_soft_accuracy
 
 NAME = "vizwiz"
 TITLE = "VizWiz"
@@ -196,3 +197,8 @@ def score_files(
         )
         out = result(NAME, HEADLINE, {"n_questions": matched.coverage.expected}, matched.coverage)
     return out
+
+
+#: the test split has no ground truth: answers + upload file only.
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
+            write_submission=write_submission, annotations_optional=True)

@@ -8,34 +8,34 @@ Annotations: a json object ``{question_id: {"answer": str, "question_type": str}
 ``{"question_id", "answer", "question_type"}`` (``question_type`` optional; the question's
 ``category`` is the fallback, then ``"all"``).
 
-Metric: VQA accuracy with the single gt answer standing for all ten annotators, i.e. 1 when
-Normaliser B of the output equals Normaliser B of the answer (as TextVQA normalises), else 0.
-``accuracy`` overall and ``per_question_type``.
+Metric (:mod:`llava_san.easyvqa_score`, shared with the in-training check): VQA accuracy with the
+single gt answer standing for all ten annotators, i.e. 1 when Normaliser B of the output equals
+Normaliser B of the answer (as TextVQA normalises), else 0. ``accuracy`` overall and
+``per_question_type``.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.benchmarks.base import (
+from evaluation.files import DataFileError
+from evaluation.tasks.base import (
     SHORT_ANSWER_SUFFIX,
     EvalQuestion,
-    group_means,
     load_json_or_value,
-    mean,
     read_llava_question_jsonl,
     result,
 )
-from evaluation.files import DataFileError
-from evaluation.normalize import normalize_evalai, vqa_soft_accuracy
+from evaluation.tasks.task import Task
+from llava_san.easyvqa_score import accuracy_by_type
 
 NAME = "easyvqa"
 TITLE = "easy-vqa"
 HEADLINE = "accuracy"
 MAX_NEW_TOKENS = 128
-N_ANNOTATORS = 10
 LLAVA_LAYOUT: dict[str, str] = {}
 
 
@@ -80,11 +80,6 @@ def load_annotations(annotations: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def question_accuracy(text: str, answer: str) -> float:
-    """Soft accuracy against ten identical annotators (= normalised exact match)."""
-    return vqa_soft_accuracy(normalize_evalai(text), [normalize_evalai(answer)] * N_ANNOTATORS)
-
-
 def score(
     answers: Any,
     annotations: Any,
@@ -109,12 +104,11 @@ def score(
     matched = match_answers(
         as_answers(answers), ids, allow_missing=allow_missing, allow_unknown=allow_unknown
     )
-    accs, by_type = [], []
-    for qid in ids:
-        acc = question_accuracy(matched.one(qid).text, gt[qid]["answer"])
-        accs.append(acc)
-        by_type.append((gt[qid]["question_type"] or categories.get(qid) or "all", acc))
-    metrics = {"accuracy": mean(accs), "per_question_type": group_means(by_type), "n_questions": len(accs)}
+    accuracy, per_type = accuracy_by_type(
+        (matched.one(qid).text, gt[qid]["answer"], gt[qid]["question_type"] or categories.get(qid) or "all")
+        for qid in ids
+    )
+    metrics = {"accuracy": accuracy, "per_question_type": per_type, "n_questions": len(ids)}
     return result(NAME, HEADLINE, metrics, matched.coverage)
 
 
@@ -134,3 +128,17 @@ def score_files(
     return score(
         answers, annotations, questions=questions, allow_missing=allow_missing, allow_unknown=allow_unknown
     )
+
+
+def _find_files(overrides: Mapping[str, Any]) -> dict[str, Path]:
+    """The test files that the data pipeline writes in its cache (``data.easyvqa.cache_dir``)."""
+    # imported here: the data pipeline pulls in torch and Lightning, which the scorers do not need
+    from llava_san.data.easyvqa import prepare_easyvqa
+
+    paths = prepare_easyvqa(str(overrides.get("cache_dir") or ".cache/easyvqa"))
+    return {"questions": Path(paths.test_questions), "image_folder": Path(paths.image_folder),
+            "annotations": Path(paths.test_answers)}
+
+
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
+            find_files=_find_files)

@@ -20,7 +20,8 @@ from collections import Counter
 from typing import Any, Iterable, Mapping
 
 from evaluation.answers import Answer, AnswerFileError, as_answers, canonical_id, match_answers
-from evaluation.benchmarks.base import (
+from evaluation.files import DataFileError
+from evaluation.tasks.base import (
     SHORT_ANSWER_SUFFIX,
     EvalQuestion,
     load_json_or_value,
@@ -28,8 +29,8 @@ from evaluation.benchmarks.base import (
     read_llava_question_jsonl,
     result,
 )
-from evaluation.files import DataFileError
-from evaluation.normalize import normalize_evalai, vqa_soft_accuracy
+from evaluation.tasks.task import Task
+from llava_san.normalize import normalize_evalai, vqa_soft_accuracy
 
 NAME = "textvqa"
 TITLE = "TextVQA"
@@ -171,3 +172,6 @@ def score_files(
     return score(
         answers, annotations, questions=questions, allow_missing=allow_missing, allow_unknown=allow_unknown
     )
+
+
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files)

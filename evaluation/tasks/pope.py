@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.benchmarks.base import EvalQuestion, mean, read_llava_question_jsonl, result
 from evaluation.files import DataFileError, iter_jsonl
+from evaluation.tasks.base import EvalQuestion, mean, read_llava_question_jsonl, result
+from evaluation.tasks.task import Task
 
 NAME = "pope"
 TITLE = "POPE"
@@ -180,3 +181,8 @@ def score_files(
     return score(
         answers, annotations, questions=questions, allow_missing=allow_missing, allow_unknown=allow_unknown
     )
+
+
+#: POPE pairs labels with answers by position, so it is scored on the whole question file.
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
+            scores_subset=False)

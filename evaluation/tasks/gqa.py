@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from evaluation.answers import as_answers, canonical_id, match_answers
-from evaluation.benchmarks.base import (
+from evaluation.files import DataFileError, write_json
+from evaluation.tasks.base import (
     SHORT_ANSWER_SUFFIX,
     EvalQuestion,
     group_means,
@@ -27,7 +28,7 @@ from evaluation.benchmarks.base import (
     resolve_image,
     result,
 )
-from evaluation.files import DataFileError, write_json
+from evaluation.tasks.task import Task
 
 NAME = "gqa"
 TITLE = "GQA"
@@ -167,3 +168,7 @@ def score_files(
         write_predictions(submission, answers)
         out["submission"] = str(submission)
     return out
+
+
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
+            write_submission=write_predictions)
