@@ -20,6 +20,7 @@ shape names -> ``shape``); :func:`question_type_from_text` derives the same from
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -228,12 +229,16 @@ def prepare_easyvqa_subset(cache_dir: str, question_types: Optional[Sequence[str
     out = os.path.join(paths.cache_dir, f"train_{'+'.join(types)}{tag}.json")
     with open(paths.manifest, encoding="utf-8") as f:
         expected = sum(int(n) for t, n in json.load(f)["train_question_types"].items() if t in types)
+    stale = False  # a file there that is damaged or of another length
     try:
         with open(out, encoding="utf-8") as f:
             if len(json.load(f)) == expected:
                 return out
-    except (OSError, ValueError):
+        stale = True
+    except FileNotFoundError:
         pass
+    except (OSError, ValueError):
+        stale = True
     with open(paths.train_records, encoding="utf-8") as f:
         records = [r for r in json.load(f) if r["question_type"] in types]
     for r in records if answer_map else ():
@@ -241,8 +246,9 @@ def prepare_easyvqa_subset(cache_dir: str, question_types: Optional[Sequence[str
         r["conversations"][1]["value"] = answer_map.get(answer, answer)
     # first writer wins (a hard link never replaces an existing file): a process that already indexed
     # the file is never handed a new inode by a concurrent writer
-    if os.path.exists(out):  # a damaged or stale file (its length was checked above)
-        os.unlink(out)
+    if stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
     with atomic_file(out, encoding="utf-8", keep_existing=True) as f:
         json.dump(records, f, ensure_ascii=False, indent=1)
     return out
