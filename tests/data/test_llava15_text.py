@@ -168,3 +168,19 @@ def test_damaged_files_are_named(sp_model, tmp_path):
     (folder / "tokenizer_config.json").write_text("{")
     with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
         Llava15TextTokenizer.from_folder(folder)
+
+
+def test_merged_export_carries_the_sentencepiece_path(tmp_path):
+    """export_merged writes tokenizer.model; the exported folder loads (load_llava_hf) with the same
+    LLaVA-1.5 ids as the model it came from, multi-turn included."""
+    from llava_san.checkpoint import export_merged
+    from llava_san.models import build_tiny_llava, load_llava_hf_processor
+
+    model, processor = build_tiny_llava()
+    out = export_merged(model, processor, tmp_path / "merged")
+    assert (out / "tokenizer.model").read_bytes() == attached(processor.tokenizer).model_proto
+    loaded = load_llava_hf_processor(str(out))
+    assert attached(loaded.tokenizer).legacy_flag is None
+    text = get_template("vicuna_v1").render([("human", "What colour?"), ("gpt", "red"), ("human", "Round?"),
+                                             ("gpt", "no")])
+    assert attached(loaded.tokenizer)(text).input_ids == attached(processor.tokenizer)(text).input_ids
