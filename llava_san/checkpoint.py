@@ -27,6 +27,7 @@ from torch import nn
 
 from .data.llava15_text import save_attached
 from .distributed import zero3
+from .export_processor import export_processor
 from .peft import AdapterRecipe, LoraRecipe, apply_adapter_folder, save_adapter, sync_gamma_ema
 from .peft.adapter_io import save_extra_only
 from .utils.atomic import atomic_dir, atomic_file, remove_stale_temporaries
@@ -205,9 +206,14 @@ def save_final_adapter(model: nn.Module, directory: str | os.PathLike, is_global
 
 
 def export_merged(model: nn.Module, processor: Any, directory: str | os.PathLike,
-                  adapter: Optional[AdapterRecipe] = None) -> Path:
+                  adapter: Optional[AdapterRecipe] = None, *, template: str = "vicuna_v1",
+                  image_aspect_ratio: str = "pad") -> Path:
     """Write a plain transformers checkpoint (adapters and SAN folded in by the recipe's
     :meth:`AdapterRecipe.merge`) plus the processor, atomically.
+
+    The processor is saved as :func:`llava_san.export_processor.export_processor` makes it: the run's
+    ``image_aspect_ratio`` preprocessing and the chat template of its conversation ``template``, so
+    other tools prepare inputs as training did.
 
     ``model`` is consumed when it is a ``PeftModel`` (merged in place). Load it back with
     ``LlavaForConditionalGeneration.from_pretrained(directory)``. A ZeRO-3 partitioned model cannot be
@@ -218,28 +224,35 @@ def export_merged(model: nn.Module, processor: Any, directory: str | os.PathLike
         raise ValueError("export_merged: the model is partitioned by ZeRO-3; rebuild the base and fold the "
                          "saved adapter into it with export_merged_from_adapter")
     merge = adapter.merge if adapter is not None else LoraRecipe.merge
-    return _save_plain(merge(model), processor, directory)
+    return _save_plain(merge(model), processor, directory, template, image_aspect_ratio)
 
 
 def export_merged_from_adapter(model_factory: Any, adapter_dir: str | os.PathLike, processor: Any,
-                               directory: str | os.PathLike) -> Path:
+                               directory: str | os.PathLike, *, template: str = "vicuna_v1",
+                               image_aspect_ratio: str = "pad") -> Path:
     """The merged checkpoint of a run rebuilt from its saved adapter: a fresh base from ``model_factory``
     (the run's ``model.build``, same seed and paths), :func:`~llava_san.peft.apply_adapter_folder` with
     ``merge`` (the folder's own recipe loads and merges it), then written like :func:`export_merged`.
 
     The route for ZeRO-3 runs, on rank 0 after :func:`save_final_adapter`: the base is built whole in
-    host memory once more (bf16 7B: 14 GB), never partitioned.
+    host memory once more (bf16 7B: 14 GB), never partitioned. ``processor=None``: the factory's.
+    ``python -m llava_san.export`` runs this on a finished run folder.
     """
     built = model_factory()
     base, built_processor = built if isinstance(built, tuple) else (built, None)
     plain = apply_adapter_folder(base, adapter_dir, merge=True)
-    return _save_plain(plain, processor if processor is not None else built_processor, directory)
+    return _save_plain(plain, processor if processor is not None else built_processor, directory,
+                       template, image_aspect_ratio)
 
 
-def _save_plain(model: nn.Module, processor: Any, directory: str | os.PathLike) -> Path:
+def _save_plain(model: nn.Module, processor: Any, directory: str | os.PathLike, template: str,
+                image_aspect_ratio: str) -> Path:
+    """``model`` and the export processor of ``processor`` into ``directory``, atomically."""
+    # built before anything is written: a bad template or aspect ratio leaves no folder behind
+    exported = export_processor(processor, template, image_aspect_ratio) if processor is not None else None
     with atomic_dir(directory) as tmp:
         model.save_pretrained(str(tmp))
-        if processor is not None:
-            processor.save_pretrained(str(tmp))
-            save_attached(processor.tokenizer, tmp)  # tokenizer.model: LLaVA-1.5's text path
+        if exported is not None:
+            exported.save_pretrained(str(tmp))
+            save_attached(exported.tokenizer, tmp)  # tokenizer.model: LLaVA-1.5's text path
     return Path(directory)

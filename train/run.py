@@ -123,11 +123,14 @@ def run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         _log_summary(trainer.loggers, metrics, trainer.global_step)
     if cfg.get("export") and trainer.is_global_zero:
+        # the exported processor prepares inputs as this run's data did (template, image padding)
+        how = dict(template=cfg.data.get("template", "vicuna_v1"),
+                   image_aspect_ratio=cfg.data.get("image_aspect_ratio", "pad"))
         if any_partitioned(module.model):  # ZeRO-3: each rank holds slices; fold the saved adapter instead
             export_merged_from_adapter(module.model_factory, cfg.paths.adapter_dir, module.processor or processor,
-                                       cfg.paths.merged_dir)
+                                       cfg.paths.merged_dir, **how)
         else:
-            export_merged(module.model, module.processor or processor, cfg.paths.merged_dir, adapter)
+            export_merged(module.model, module.processor or processor, cfg.paths.merged_dir, adapter, **how)
     if trainer.is_global_zero:
         write_metrics(out / "metrics.json", metrics)
         print(f"\nrun folder: {out} (metrics.json, adapter/); {trainer.global_step} steps in "

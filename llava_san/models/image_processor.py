@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-# keys of a saved preprocessor_config.json that name a class rather than configure one
-_CLASS_KEYS = ("image_processor_type", "processor_class", "backend")
+# keys of a saved preprocessor_config.json that name a class rather than configure one; and the padding
+# of an exported LlavaImageProcessorPil, which process_image does itself (pad to square before CLIP)
+_CLASS_KEYS = ("image_processor_type", "processor_class", "backend", "do_pad", "pad_size")
 
 
 def load_clip_image_processor(path: str, **kwargs) -> CLIPImageProcessorPil:
