@@ -279,13 +279,21 @@ def test_two_ranks_zero3_average_gamma_and_save_gathered_adapter(tmp_path):
 
 def test_zero3_export_folds_the_saved_adapter_into_a_rebuilt_base(tmp_path_factory, _dist_env):
     """``export=true`` under ZeRO-3: the in-memory model is partitioned (each rank holds slices), so rank 0
-    rebuilds the base and merges the saved adapter; the merged checkpoint gives the trained eval logits."""
+    rebuilds the base and merges the saved adapter; the merged checkpoint gives the trained eval logits, and so
+    does ``python -m llava_san.export`` on the finished run folder."""
     from transformers import LlavaForConditionalGeneration
+
+    from llava_san.export import main as export_main
 
     r = _train(3, "san_dora", tmp_path_factory, "export=true")
     merged = LlavaForConditionalGeneration.from_pretrained(r["out"] / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged, r["batch"]), r["logits"], rtol=1e-4, atol=1e-4)
+    # merged after the fact from the run folder (python -m llava_san.export): the same model
+    after = tmp_path_factory.mktemp("zero3_export") / "merged"
+    assert export_main([str(r["out"]), str(after)]) == 0
+    again = LlavaForConditionalGeneration.from_pretrained(after)
+    torch.testing.assert_close(_logits(again, r["batch"]), _logits(merged, r["batch"]), rtol=0, atol=1e-5)
 
 
 def test_zero3_offload_steps_with_deepspeed_cpu_adam_like_torch_adamw(tmp_path_factory, _dist_env):
