@@ -89,11 +89,13 @@ def test_chat_template_renders_the_training_prompt(name):
         return render_jinja_template(conversations=[messages], chat_template=chat_template(name),
                                      add_generation_prompt=gen)[0][0]
 
-    assert render(_messages("What colour is the shape?")) == t.render_prompt("<image>\nWhat colour is the shape?")
+    question = "What colour is the shape?"
+    assert render(_messages(question)) == t.render_prompt("<image>\n" + question)
     assert render([{"role": "user", "content": "text only"}]) == t.render_prompt("text only")
     turns = [{"role": "user", "content": "<image>\nq1"}, {"role": "assistant", "content": "a1"},
              {"role": "user", "content": "q2"}]
-    assert render(turns) == t.render([("human", "<image>\nq1"), ("gpt", "a1"), ("human", "q2"), ("gpt", None)])
+    pairs = [("human", "<image>\nq1"), ("gpt", "a1"), ("human", "q2"), ("gpt", None)]
+    assert render(turns) == t.render(pairs)
     if name == "vicuna_v1":
         assert render(turns[:1], gen=False) + "ASSISTANT:" == render(turns[:1])
         system = render([{"role": "system", "content": "Be brief."}] + turns[:1])
@@ -131,7 +133,8 @@ def test_export_true_folder_reads_as_training(trained_run, questions):
         new = gen[0, batch["input_ids"].shape[1]:].tolist()
         hf_ids.append([t for t in new if t not in (tok.eos_token_id, tok.pad_token_id)])
         inputs.append(mine)
-    loop_ids = generate_batch(ours.model, inputs, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    loop_ids = generate_batch(ours.model, inputs, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id)
     assert hf_ids == loop_ids  # (c)
     assert len({tuple(x) for x in loop_ids}) > 1  # the answers depend on the question/image
 
@@ -148,8 +151,8 @@ def _logits(model, processor_folder):
 
     proc = AutoProcessor.from_pretrained(processor_folder)
     img = Image.new("RGB", (60, 40), (200, 30, 30))
-    batch = proc(images=img, text=proc.apply_chat_template(_messages("What shape?"), add_generation_prompt=True,
-                                                           tokenize=False), return_tensors="pt")
+    prompt = proc.apply_chat_template(_messages("What shape?"), add_generation_prompt=True, tokenize=False)
+    batch = proc(images=img, text=prompt, return_tensors="pt")
     if not isinstance(model, torch.nn.Module):
         model = LlavaForConditionalGeneration.from_pretrained(model)
     with torch.no_grad():

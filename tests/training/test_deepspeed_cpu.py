@@ -279,8 +279,8 @@ def test_two_ranks_zero3_average_gamma_and_save_gathered_adapter(tmp_path):
 
 def test_zero3_export_folds_the_saved_adapter_into_a_rebuilt_base(tmp_path_factory, _dist_env):
     """``export=true`` under ZeRO-3: the in-memory model is partitioned (each rank holds slices), so rank 0
-    rebuilds the base and merges the saved adapter; the merged checkpoint gives the trained eval logits, and so
-    does ``python -m llava_san.export`` on the finished run folder."""
+    rebuilds the base and merges the saved adapter; the merged checkpoint gives the trained eval logits, and
+    so does ``python -m llava_san.export`` on the finished run folder."""
     from transformers import LlavaForConditionalGeneration
 
     from llava_san.export import main as export_main
