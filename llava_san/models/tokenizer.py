@@ -79,12 +79,13 @@ def _train_bpe(vocab_size: int) -> tuple[tuple[tuple[str, int], ...], tuple[tupl
     return tuple(sorted(vocab.items(), key=lambda kv: kv[1])), merges
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048) -> LlamaTokenizer:
-    """Build the offline LLaMA-style tokenizer (``<s>``, ``</s>``, ``<unk>``, ``<image>``, ``<pad>``).
+def base_tiny_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048) -> LlamaTokenizer:
+    """The tiny BPE as a transformers ``LlamaTokenizer`` with only ``<unk>, <s>, </s>`` (a Vicuna-like
+    tokenizer), its SentencePiece twin attached (:func:`attach_tiny_sentencepiece`).
 
     Args:
-        vocab_size: size of the BPE vocabulary before ``<image>`` and ``<pad>`` are added (≥ 300).
-        model_max_length: stored on the tokenizer, as LLaVA sets it (2048 for LLaVA-1.5).
+        vocab_size: size of the BPE vocabulary (≥ 300).
+        model_max_length: stored on the tokenizer.
     """
     if vocab_size < 300:
         raise ValueError(f"vocab_size must be >= 300 (3 specials + 256 bytes + merges), got {vocab_size}")
@@ -98,8 +99,19 @@ def build_tiny_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048) -
         model_max_length=model_max_length,
         padding_side="right",
     )
-    tok.add_special_tokens({"pad_token": PAD_TOKEN, "additional_special_tokens": [IMAGE_TOKEN]})
     return attach_tiny_sentencepiece(tok, vocab_size)
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048) -> LlamaTokenizer:
+    """Build the offline LLaMA-style tokenizer (``<s>``, ``</s>``, ``<unk>``, ``<image>``, ``<pad>``).
+
+    Args:
+        vocab_size: size of the BPE vocabulary before ``<image>`` and ``<pad>`` are added (≥ 300).
+        model_max_length: stored on the tokenizer, as LLaVA sets it (2048 for LLaVA-1.5).
+    """
+    tok = base_tiny_tokenizer(vocab_size, model_max_length)
+    tok.add_special_tokens({"pad_token": PAD_TOKEN, "additional_special_tokens": [IMAGE_TOKEN]})
+    return tok
 
 
 def tiny_sentencepiece_model(vocab_size: int = 1024) -> bytes:

@@ -41,9 +41,7 @@ from transformers import (
 from ..models.image_processor import CLIPImageProcessorPil
 from ..models.tiny import TinyLlavaSpec, build_tiny_llava, tiny_text_config
 
-# The private BPE trainer of tokenizer.py is reused on purpose: the Vicuna-format tokenizer needs the
-# same vocabulary as build_tiny_tokenizer() but *without* the <image>/<pad> tokens it adds.
-from ..models.tokenizer import _train_bpe, tiny_sentencepiece_model
+from ..models.tokenizer import base_tiny_tokenizer
 from ..data.llava15_text import Llava15TextTokenizer, attach, attached, save_attached
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -57,17 +55,7 @@ def tiny_vicuna_tokenizer(vocab_size: int = 1024, model_max_length: int = 4096) 
     ``<pad>`` and ``<image>`` come after the base vocabulary), but nothing added: like the real Vicuna
     v1.5 tokenizer it has no pad token and no ``<image>``.
     """
-    vocab, merges = _train_bpe(vocab_size)
-    tok = LlamaTokenizer(
-        vocab=dict(vocab),
-        merges=[tuple(m) for m in merges],
-        add_bos_token=True,
-        add_eos_token=False,
-        legacy=False,
-        model_max_length=model_max_length,
-        padding_side="right",
-    )
-    return attach(tok, Llava15TextTokenizer(tiny_sentencepiece_model(vocab_size), source="tiny Vicuna tokenizer"))
+    return base_tiny_tokenizer(vocab_size, model_max_length)
 
 
 def _added_token(content: str) -> dict:
