@@ -8,12 +8,13 @@ run checks every input (and a ``generate=false`` run scores) without their secon
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+from llava_san.export import run_config_file
 
 __all__ = ["LoadedModel", "default_model_id", "describe_path", "load_model"]
 
@@ -45,13 +46,6 @@ def _eval_dtype(dtype: Optional[str], device: str) -> Optional[str]:
     return str(dtype)
 
 
-def _run_config_file(path: Path) -> Optional[Path]:
-    for cand in (path / "config.yaml", path / ".hydra" / "config.yaml"):
-        if cand.is_file():
-            return cand
-    return None
-
-
 def describe_path(path: str | os.PathLike) -> str:
     """What ``path`` is: ``"run"`` (a ``python -m train`` folder: config + ``adapter/`` or ``merged/``),
     ``"checkpoint"`` (a transformers LLaVA folder: ``config.json``), ``"adapter"`` (a
@@ -64,27 +58,12 @@ def describe_path(path: str | os.PathLike) -> str:
         return "checkpoint"
     if (p / "llava_san_adapter.json").is_file() or (p / "extra_trainable.safetensors").is_file():
         return "adapter"
-    if _run_config_file(p) is not None and ((p / "adapter").is_dir() or (p / "merged").is_dir()):
+    if run_config_file(p) is not None and ((p / "adapter").is_dir() or (p / "merged").is_dir()):
         return "run"
     found = sorted(x.name for x in p.iterdir())[:12]
     raise FileNotFoundError(
         f"path={path}: not a training run (config.yaml + adapter/ or merged/), a transformers checkpoint "
         f"(config.json) or an adapter folder (llava_san_adapter.json); found {found}")
-
-
-def _build(model_node: Any, dtype: Optional[str]) -> tuple[Any, Any]:
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.create(OmegaConf.to_container(model_node, resolve=True))
-    if dtype is not None and "dtype" in node.build:
-        node.build.dtype = dtype
-    built = instantiate(node.build)
-    if isinstance(built, functools.partial):  # conf/model/*.yaml: `_partial_: true`
-        built = built()
-    if isinstance(built, tuple):
-        return built
-    return built, instantiate(node.processor)
 
 
 def load_model(
@@ -169,7 +148,7 @@ class _Source:
             return cls(checkpoint, None, None, f"run {p} (merged/)", "run")
         from omegaconf import OmegaConf
 
-        cfg_file = _run_config_file(p)
+        cfg_file = run_config_file(p)
         run_cfg = OmegaConf.load(cfg_file)
         if "model" not in run_cfg or "build" not in run_cfg.model:
             raise ValueError(f"{cfg_file}: no model.build node; is {p} a `python -m train` run folder?")
@@ -179,13 +158,15 @@ class _Source:
     def build(self, dt: Optional[str], attn_implementation: Optional[str], merge: bool) -> tuple[Any, Any]:
         """``(model, processor)``, the adapter loaded (and merged when ``merge``)."""
         if self.checkpoint is not None:
-            from llava_san.models import load_llava_hf
+            from llava_san.models import load_llava_hf  # torch + transformers: only when a model is built
 
             return load_llava_hf(str(self.checkpoint), dtype=dt or "auto",
                                  attn_implementation=attn_implementation or "sdpa")
         if self.node is None:
             raise ValueError("nothing to evaluate: give path=<run | checkpoint | adapter> or a model config")
-        model, processor = _build(self.node, dt)
+        from llava_san.models import build_from_config
+
+        model, processor = build_from_config(self.node, dt)
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         if self.adapter_dir is not None:

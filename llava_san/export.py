@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-__all__ = ["ExportError", "export_run", "main"]
+__all__ = ["ExportError", "RUN_CONFIGS", "export_run", "main", "run_config_file"]
 
 #: where a ``python -m train`` run folder keeps its resolved config, in order of preference
 RUN_CONFIGS = ("config.yaml", ".hydra/config.yaml")
@@ -29,16 +29,20 @@ class ExportError(ValueError):
     """The input cannot be exported; the message names the path and what is wrong."""
 
 
+def run_config_file(run: Path) -> Optional[Path]:
+    """The resolved config of a ``python -m train`` run folder (:data:`RUN_CONFIGS`), or ``None``."""
+    return next((run / name for name in RUN_CONFIGS if (run / name).is_file()), None)
+
+
 def _run_config(run: Path) -> Path:
     """The run's config file, or :class:`ExportError` when ``run`` is not a training run folder."""
     if not run.is_dir():
         raise ExportError(f"{run} is not a folder (expected a `python -m train` run folder)")
-    for name in RUN_CONFIGS:
-        if (run / name).is_file():
-            return run / name
-    found = sorted(p.name for p in run.iterdir())[:12]
-    raise ExportError(f"{run} is not a training run folder: no config.yaml or .hydra/config.yaml "
-                      f"(found {found})")
+    found = run_config_file(run)
+    if found is None:
+        raise ExportError(f"{run} is not a training run folder: no config.yaml or .hydra/config.yaml "
+                          f"(found {sorted(p.name for p in run.iterdir())[:12]})")
+    return found
 
 
 def _check_out(run: Path, out: Path, overwrite: bool) -> None:
@@ -52,21 +56,6 @@ def _check_out(run: Path, out: Path, overwrite: bool) -> None:
         raise ExportError(f"out folder {out} exists and is not empty (pass --overwrite to replace it)")
 
 
-def _factory(cfg: Any) -> Callable[[], tuple[Any, Any]]:
-    """``() -> (model, processor)`` from the run's ``model`` node, as training built them."""
-    from hydra.utils import instantiate
-
-    build = instantiate(cfg.model.build)  # `_partial_: true` in conf/model: a callable
-
-    def factory() -> tuple[Any, Any]:
-        built = build() if callable(build) else build
-        if isinstance(built, tuple):
-            return built
-        return built, instantiate(cfg.model.processor)  # a builder that returns the model only
-
-    return factory
-
-
 def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Merge the training run folder ``run`` into the plain transformers folder ``out``; returns ``out``.
 
@@ -75,6 +64,7 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False) -> 
     from omegaconf import OmegaConf
 
     from .checkpoint import export_merged_from_adapter
+    from .models import build_from_config
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
     cfg_file = _run_config(run)
@@ -88,9 +78,8 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False) -> 
         raise ExportError(f"{cfg_file}: no model.build node; is {run} a `python -m train` run folder?")
     data = cfg.get("data") or {}
     try:
-        factory = _factory(cfg)
         return export_merged_from_adapter(
-            factory, adapter, None, out, template=data.get("template", "vicuna_v1"),
+            lambda: build_from_config(cfg.model), adapter, None, out, template=data.get("template", "vicuna_v1"),
             image_aspect_ratio=data.get("image_aspect_ratio", "pad"))
     except (ValueError, OSError) as err:  # the loaders' own messages: damaged adapter, missing base...
         raise ExportError(f"cannot export {run}: {err}") from None

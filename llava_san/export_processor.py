@@ -25,12 +25,9 @@ from transformers import LlavaProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from .chat_template import chat_template
-from .models.image_processor import pil_clip_image_processor
+from .models.image_processor import clip_settings, pil_clip_image_processor
 
 __all__ = ["export_image_processor", "export_processor"]
-
-# keys of an image processor's dict that name a class rather than configure one
-_CLASS_KEYS = ("image_processor_type", "processor_class", "backend", "do_pad", "pad_size")
 
 
 def export_image_processor(image_processor: Any, image_aspect_ratio: str = "pad") -> Any:
@@ -41,8 +38,7 @@ def export_image_processor(image_processor: Any, image_aspect_ratio: str = "pad"
         return clip
     if image_aspect_ratio != "pad":
         raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got {image_aspect_ratio!r}")
-    settings = {k: v for k, v in clip.to_dict().items() if k not in _CLASS_KEYS}
-    return LlavaImageProcessorPil(**settings, do_pad=True)
+    return LlavaImageProcessorPil(**clip_settings(clip), do_pad=True)
 
 
 def export_processor(processor: Any, template: str = "vicuna_v1", image_aspect_ratio: str = "pad") -> Any:

@@ -68,9 +68,7 @@ class Llava15TextTokenizer:
         if bos_token not in self.special_ids:
             raise ValueError(f"{source}: bos_token {bos_token!r} is not one of the special tokens {special_tokens}")
         self.bos_token_id = self.special_ids[bos_token]
-        # longest alternative first: the 4.31 trie prefers the longest special token at a position
-        self._splitter = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special_ids, key=len,
-                                                                                   reverse=True)) + ")")
+        self._splitter = _special_splitter(self.special_ids)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Llava15TextTokenizer":
@@ -147,8 +145,13 @@ class Llava15TextTokenizer:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.sp = _load_processor(self.model_proto, self.source)
-        self._splitter = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special_ids, key=len,
-                                                                                   reverse=True)) + ")")
+        self._splitter = _special_splitter(self.special_ids)
+
+
+def _special_splitter(specials: Iterable[str]) -> re.Pattern:
+    """A pattern that cuts text at the special tokens and keeps them (``re.split`` with a group); the
+    longest alternative first, as the 4.31 trie prefers the longest special token at a position."""
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
 
 
 def _load_processor(model_proto: bytes, source: str) -> spm.SentencePieceProcessor:

@@ -1,5 +1,6 @@
 """Model builders: the tiny offline LLaVA and (see builder.py) the real LLaVA-1.5 checkpoints."""
 from .builder import (
+    build_from_config,
     build_llava_from_parts,
     build_parts_processor,
     build_tiny,
@@ -15,6 +16,7 @@ __all__ = [
     "IMAGE_TOKEN",
     "PAD_TOKEN",
     "TinyLlavaSpec",
+    "build_from_config",
     "build_llava_from_parts",
     "build_parts_processor",
     "build_tiny",

@@ -13,7 +13,12 @@ ZeRO-3 construction all three return the model partitioned, equal once gathered 
 """
 from __future__ import annotations
 
+import functools
+from typing import Any, Optional
+
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from .consistency import check_model_processor
@@ -23,6 +28,7 @@ from .source import resolve_dtype
 from .tiny import TinyLlavaSpec, build_tiny_llava
 
 __all__ = [
+    "build_from_config",
     "build_llava_from_parts",
     "build_parts_processor",
     "build_tiny",
@@ -75,3 +81,17 @@ def build_tiny(
         tie_word_embeddings=tie_word_embeddings,
     )
     return build_tiny_llava(spec, seed=seed, dtype=resolve_dtype(dtype))
+
+
+def build_from_config(model_node: Any, dtype: Optional[str] = None) -> tuple[Any, Any]:
+    """``(model, processor)`` from a run's ``model`` config node (``conf/model/*.yaml``), as training
+    built them; ``dtype`` overrides ``model.build.dtype`` where the builder has one."""
+    node = OmegaConf.create(OmegaConf.to_container(model_node, resolve=True))
+    if dtype is not None and "dtype" in node.build:
+        node.build.dtype = dtype
+    built = instantiate(node.build)
+    if isinstance(built, functools.partial):  # conf/model/*.yaml: `_partial_: true`
+        built = built()
+    if isinstance(built, tuple):
+        return built
+    return built, instantiate(node.processor)  # a builder that returns the model only

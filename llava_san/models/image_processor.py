@@ -19,12 +19,17 @@ def load_clip_image_processor(path: str, **kwargs) -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil.from_pretrained(path, **kwargs)
 
 
+def clip_settings(image_processor) -> dict:
+    """An image processor's CLIP preprocessing settings (size, crop, mean/std, resample...), without
+    the keys that name its class or configure padding."""
+    return {k: v for k, v in image_processor.to_dict().items() if k not in _CLASS_KEYS}
+
+
 def pil_clip_image_processor(image_processor) -> CLIPImageProcessorPil:
     """The same preprocessing settings on the PIL path (returned unchanged if already there)."""
     if type(image_processor) is CLIPImageProcessorPil:
         return image_processor
-    settings = {k: v for k, v in image_processor.to_dict().items() if k not in _CLASS_KEYS}
-    return CLIPImageProcessorPil.from_dict(settings)
+    return CLIPImageProcessorPil.from_dict(clip_settings(image_processor))
 
 
 def pin_pil_backend(processor):

@@ -60,7 +60,7 @@ def _llava_hf_processor(
     try:
         processor = AutoProcessor.from_pretrained(src.path)
     except Exception as err:
-        raise CheckpointSource(src.path, src.local, _PROCESSOR).not_loadable(err) from None
+        raise src.as_kind(_PROCESSOR).not_loadable(err) from None
     if not isinstance(processor, LlavaProcessor):
         raise ValueError(
             f"llava-hf checkpoint: {src.path!r} has a {type(processor).__name__} processor, "

@@ -82,7 +82,7 @@ def _parts_tokenizer(lm: CheckpointSource, tokenizer: Optional[str], pad_token: 
     """Vicuna's tokenizer with ``<image>`` (and the pad token) added as llava-hf has them."""
     where = TOKENIZER.locate(tokenizer) if tokenizer is not None else lm
     # messages name the language model's tokenizer, whichever folder it comes from
-    tok = CheckpointSource(where.path, where.local, LANGUAGE_MODEL).tokenizer(
+    tok = where.as_kind(LANGUAGE_MODEL).tokenizer(
         model_max_length=model_max_length, padding_side=padding_side)
     if tok.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tok.unk_token_id):
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
@@ -105,7 +105,7 @@ def _parts_processor(lm: CheckpointSource, vt: CheckpointSource, vision_config, 
     try:
         image_processor = load_clip_image_processor(vt.path)
     except Exception as err:
-        raise CheckpointSource(vt.path, vt.local, _IMAGE_PROCESSOR).not_loadable(err) from None
+        raise vt.as_kind(_IMAGE_PROCESSOR).not_loadable(err) from None
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,

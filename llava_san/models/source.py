@@ -8,6 +8,7 @@ and what was expected.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import warnings
@@ -115,6 +116,10 @@ class CheckpointSource:
     def what(self) -> str:
         return self.kind.what
 
+    def as_kind(self, kind: SourceKind) -> "CheckpointSource":
+        """The same path, named and checked as ``kind`` in messages."""
+        return dataclasses.replace(self, kind=kind)
+
     def error(self, problem: str, cls: type[Exception] = ValueError) -> Exception:
         """``cls("<what>: <problem>; expected <expect>; <hint>")``."""
         return cls(f"{self.kind.what}: {problem}; expected {self.kind.expect}; {self.kind.hint}")
@@ -193,18 +198,20 @@ class CheckpointSource:
 
 
 def _hub_snapshot_with_sentencepiece(repo: str) -> Path | None:
-    """The local snapshot folder holding a Hub checkpoint's ``tokenizer.model`` and its JSON files."""
-    folder = None
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+    """The local snapshot folder of a Hub checkpoint's ``tokenizer.model``, with the two JSON files that
+    configure it fetched beside it; ``None`` when the repository has no ``tokenizer.model``."""
+    def fetch(name: str) -> str | None:
         try:
-            path = cached_file(repo, name, _raise_exceptions_for_missing_entries=False)
+            return cached_file(repo, name, _raise_exceptions_for_missing_entries=False)
         except OSError:
-            path = None
-        if name == "tokenizer.model":
-            if path is None:
-                return None
-            folder = Path(path).parent
-    return folder
+            return None
+
+    model = fetch("tokenizer.model")
+    if model is None:
+        return None
+    fetch("tokenizer_config.json")
+    fetch("special_tokens_map.json")
+    return Path(model).parent
 
 
 def rng_untouched() -> contextlib.AbstractContextManager:

@@ -114,6 +114,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048) -
     return tok
 
 
+@functools.lru_cache(maxsize=4)  # bytes: immutable, built once per size
 def tiny_sentencepiece_model(vocab_size: int = 1024) -> bytes:
     """The tiny BPE as a SentencePiece ``tokenizer.model`` (LLaMA's settings), serialized.
 
