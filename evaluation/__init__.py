@@ -5,7 +5,7 @@
   registry ``get_benchmark(name)``;
 * :mod:`evaluation.run` -- ``python -m evaluation``: plan (:mod:`~evaluation.plan`,
   :mod:`~evaluation.resolve`), generate (:mod:`~evaluation.generate`, :mod:`~evaluation.journal`,
-  :mod:`~evaluation.model_loading`, :mod:`~evaluation.launch`), merge (:mod:`~evaluation.shards`),
+  :mod:`~llava_san.inference.loading`, :mod:`~evaluation.launch`), merge (:mod:`~evaluation.shards`),
   score (:mod:`~evaluation.scoring`), report; configured by :class:`evaluation.config.EvalConfig`;
 * :mod:`evaluation.score` -- ``python -m evaluation.score BENCHMARK --answers ...``;
 * answer normalisation and the VQA soft accuracy live in the library (:mod:`llava_san.normalize`,

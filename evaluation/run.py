@@ -2,7 +2,7 @@
 
 1. plan (:mod:`evaluation.plan`): resolve every benchmark's files and read the questions before any
    model is loaded, so a missing file or image folder fails in seconds with its path;
-2. generate (:mod:`evaluation.generate`): load the model (:mod:`evaluation.model_loading`) and answer
+2. generate (:mod:`evaluation.generate`): load the model (:mod:`llava_san.inference.loading`) and answer
    into ``answers/<benchmark>.jsonl`` (crash-safe, resumable: :mod:`evaluation.journal`); with
    ``num_chunks=K > 1`` and no ``chunk_idx``, start the ``K`` chunk workers instead
    (:mod:`evaluation.launch`); a chunk worker (``chunk_idx=i``) stops after this step;
@@ -28,7 +28,7 @@ from evaluation.files import write_json
 from evaluation.generate import generate_answers
 from evaluation.journal import AnswerFile
 from evaluation.launch import launch_chunks
-from evaluation.model_loading import LoadedModel, default_model_id, load_model
+from llava_san.inference.loading import LoadedModel, default_model_id, load_model
 from evaluation.plan import Plan, make_plan
 from evaluation.report import build_report, run_row, write_report
 from evaluation.scoring import score_answers

@@ -46,7 +46,9 @@ __all__ = [
     "decode",
     "generate",
     "generate_batch",
+    "greedy_steps",
     "model_device_dtype",
+    "stream_tokens",
 ]
 
 
@@ -152,12 +154,36 @@ def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtyp
     return param.device, dtype
 
 
-@torch.no_grad()
 def generate_batch(model: torch.nn.Module, inputs: Sequence[GenerationInput], *, pad_token_id: int,
                    eos_token_id: Optional[int | Sequence[int]]) -> list[list[int]]:
     """Greedy-decode one batch of prompts together; returns the new token ids of each prompt, the
     stop token excluded. The model must be in ``eval()`` mode (a model in train mode raises: dropout
     and SAN's batch statistics would make answers depend on the batch).
+    """
+    if not inputs:
+        return []
+    steps = list(greedy_steps(model, inputs, pad_token_id=pad_token_id, eos_token_id=eos_token_id))
+    if not steps:
+        return [[] for _ in inputs]
+    tokens = torch.stack(steps, dim=1)  # (B, steps), -1 = nothing
+    return [[int(v) for v in row if v >= 0] for row in tokens]
+
+
+def stream_tokens(model: torch.nn.Module, prompt: GenerationInput, *, pad_token_id: int,
+                  eos_token_id: Optional[int | Sequence[int]]) -> Iterator[int]:
+    """The new token ids of one prompt as they are decoded (greedy; the stop token excluded): the
+    same tokens as ``generate_batch(model, [prompt], ...)[0]``, one at a time (chat and the API
+    stream them)."""
+    for step in greedy_steps(model, [prompt], pad_token_id=pad_token_id, eos_token_id=eos_token_id):
+        if int(step[0]) >= 0:
+            yield int(step[0])
+
+
+@torch.no_grad()
+def greedy_steps(model: torch.nn.Module, inputs: Sequence[GenerationInput], *, pad_token_id: int,
+                 eos_token_id: Optional[int | Sequence[int]]) -> Iterator[torch.Tensor]:
+    """The greedy decode loop: yields, after each step, the ``(B,)`` CPU tensor of the token each row
+    produced (``-1`` where the row has stopped or just produced its stop token).
 
     Shapes: ``input_ids``/``attention_mask``/``position_ids`` ``(B, T)`` left-padded;
     ``pixel_values`` ``(N_img, 3, H, W)``; each decode step feeds ``(B, 1)``.
@@ -165,7 +191,7 @@ def generate_batch(model: torch.nn.Module, inputs: Sequence[GenerationInput], *,
     if model.training:
         raise ValueError("generate_batch needs the model in eval() mode (call model.eval() first)")
     if not inputs:
-        return []
+        return
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: the tokenizer needs a pad token for batched generation")
     stops = [] if eos_token_id is None else (
@@ -190,7 +216,6 @@ def generate_batch(model: torch.nn.Module, inputs: Sequence[GenerationInput], *,
     limits = torch.tensor([int(x.max_new_tokens) for x in inputs], device=device)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    new_tokens: list[torch.Tensor] = []
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, logits_to_keep=1, **kwargs)
     for step in range(int(limits.max())):
@@ -198,7 +223,7 @@ def generate_batch(model: torch.nn.Module, inputs: Sequence[GenerationInput], *,
         nxt = torch.where(done, torch.full_like(nxt, int(pad_token_id)), nxt)
         is_stop = torch.isin(nxt, stop_ids) if stop_ids is not None else torch.zeros_like(done)
         # a stop token is not kept; a token beyond the row's own limit is never produced
-        new_tokens.append(torch.where(done | is_stop, torch.full_like(nxt, -1), nxt))
+        yield torch.where(done | is_stop, torch.full_like(nxt, -1), nxt).cpu()
         done = done | is_stop | (limits <= step + 1)
         if bool(done.all()):
             break
@@ -207,8 +232,6 @@ def generate_batch(model: torch.nn.Module, inputs: Sequence[GenerationInput], *,
         position_ids = position_ids[:, -1:] + 1  # (B, 1)
         out = model(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=position_ids,
                     cache=out.cache, use_cache=True, logits_to_keep=1)
-    tokens = torch.stack(new_tokens, dim=1).cpu()  # (B, steps), -1 = nothing
-    return [[int(v) for v in row if v >= 0] for row in tokens]
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from evaluation.model_loading import load_model
+from llava_san.inference.loading import load_model
 from evaluation.resolve import resolve_benchmark
 from llava_san.chat_template import chat_template
 from llava_san.conversation import get_template
@@ -24,22 +23,6 @@ from llava_san.generation import PromptEncoder, generate_batch
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache"
 MAX_NEW = 6
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A real short `python -m train` run (SAN-DoRA; a learning rate at which the adapter changes the
-    answers without collapsing them to one token), exported."""
-    from train.run import run as train_run
-
-    out = tmp_path_factory.mktemp("train") / "run"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            f"paths.output_dir={out}", "data=synthetic", "trainer.accelerator=cpu", "evaluate=null",
-            "callbacks.progress_bar.refresh_rate=0", "peft=san_dora", "trainer.max_steps=2", "optim.lr=0.01",
-            "optim.projector_lr=0.01", "optim.warmup_ratio=0.0", "export=true"])
-    train_run(cfg)
-    return out
 
 
 @pytest.fixture(scope="module")

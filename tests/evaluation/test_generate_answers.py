@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from evaluation.answers import AnswerFileError
 from evaluation.generate import generate_answers
 from evaluation.journal import AnswerFile
-from evaluation.model_loading import LoadedModel
+from llava_san.inference.loading import LoadedModel
 from evaluation.resolve import resolve_benchmark
 from evaluation.run import run
 from evaluation.shards import answer_paths, chunk_slice, merge_answer_files

@@ -13,7 +13,7 @@ from PIL import Image
 
 from evaluation.answers import AnswerFileError
 from evaluation.generate import generate_answers
-from evaluation.model_loading import LoadedModel, load_model
+from llava_san.inference.loading import LoadedModel, load_model
 from evaluation.resolve import resolve_benchmark
 from evaluation.run import run
 

@@ -1,6 +1,6 @@
-"""Model loading for ``python -m evaluation``: a training run folder (base rebuilt from the run's
-config + ``adapter/``), its ``merged/`` folder, a llava-hf checkpoint, an adapter folder, or any
-``conf/model`` config.
+"""Model loading for ``python -m evaluation``, chat, predict and serve: a training run folder (base
+rebuilt from the run's config + ``adapter/``), its ``merged/`` folder, a llava-hf checkpoint, an
+adapter folder, or any ``conf/model`` config.
 
 torch, transformers and the training code are imported inside the functions that load a model: a
 run checks every input (and a ``generate=false`` run scores) without their seconds of import time.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from llava_san.export import run_config_file
+from ..export import run_config_file
 
 __all__ = ["LoadedModel", "default_model_id", "describe_path", "load_model"]
 
