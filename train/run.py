@@ -85,6 +85,8 @@ def run(cfg: DictConfig) -> dict:
     processor = instantiate(cfg.model.processor)
     datamodule = instantiate(cfg.data, processor=processor)
     adapter = instantiate(cfg.peft)  # an AdapterRecipe (llava_san.peft.recipes)
+    # the saved folder records how its base was built (manifest and model card)
+    adapter.base_model = OmegaConf.to_container(cfg.model.build, resolve=True)
     module = instantiate(cfg.module)(
         model_factory=instantiate(cfg.model.build), adapter=adapter,
         optim=instantiate(cfg.optim), data_processor=processor)

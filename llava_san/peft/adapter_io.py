@@ -1,16 +1,25 @@
 """Saving and loading a trained adapter: one self-contained safetensors folder.
 
-Layout of an adapter folder::
+Layout of an adapter folder (manifest version 3)::
 
-    adapter_config.json          peft LoraConfig (language-tower regex, r, alpha, use_dora, ...)
-    adapter_model.safetensors    peft adapter tensors: lora_A/B and the DoRA magnitudes
+    adapter_config.json          peft LoraConfig (language-tower regex, r, alpha, use_dora, the projector
+                                 as ``modules_to_save``, ``base_model_name_or_path``); in a SAN folder a
+                                 stub whose ``peft_type`` makes stock peft refuse it (:mod:`.stock_layout`)
+    lora_config.json             the LoraConfig of a SAN folder (absent otherwise)
+    adapter_model.safetensors    peft tensors: lora_A/B, the DoRA magnitudes and the ``modules_to_save``
+                                 modules (LLaVA's projector) as stock peft saves them
     san_config.json              SanConfig with its resolved source -> target pairs (absent without SAN)
     san_state.safetensors        every SAN tensor (γ̄ buffers ``<layer>.san_gamma_ema``)
-    extra_trainable.safetensors  other trained tensors, e.g. LLaVA's projector (absent if none)
+    extra_trainable.safetensors  trained tensors that are not whole modules (absent if none)
+    README.md                    model card: what the folder is and how to load it (:mod:`.model_card`)
     llava_san_adapter.json       manifest: base model class, text-model shapes, adapted layer shapes,
-                                 and its ``kind``, which names the recipe that loads it
-                                 (:mod:`llava_san.peft.recipes`: ``adapter``, ``projector_only``,
-                                 ``trained_weights``)
+                                 which file holds what (``files``), and its ``kind``, which names the
+                                 recipe that loads it (:mod:`llava_san.peft.recipes`: ``adapter``,
+                                 ``projector_only``, ``trained_weights``)
+
+A LoRA/DoRA folder without SAN is a stock peft adapter: ``PeftModel.from_pretrained(base, folder)``
+gives the model :func:`load_adapter` gives. Folders of manifest version 2 (the projector in
+``extra_trainable.safetensors``, the LoRA config in ``adapter_config.json``) load as before.
 
 A folder of kind ``projector_only``/``trained_weights`` (no adapter) holds only
 ``extra_trainable.safetensors`` and the manifest (:func:`save_extra_only`, :func:`load_extra_only`).
@@ -21,10 +30,11 @@ instead of a shape error deep inside peft.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -33,11 +43,16 @@ from torch import nn
 
 from ..distributed.zero3 import full_shape, is_placeholder
 from ..utils.atomic import atomic_dir
+from . import stock_layout
 from .adapters import adapted_module_names, base_transformers_model, is_adapter_param, is_projector_param
 from .san_config import SanConfig, san_config_json
+from .model_card import model_card
 from .san_model import get_san_model, get_san_state
 
 MANIFEST = "llava_san_adapter.json"
+CONFIG = "adapter_config.json"
+SAN_LORA_CONFIG = "lora_config.json"
+MODEL_CARD = "README.md"
 SAN_CONFIG = "san_config.json"
 SAN_STATE = "san_state.safetensors"
 EXTRA = "extra_trainable.safetensors"
@@ -67,42 +82,87 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
-def save_adapter(model: PeftModel, directory: str | os.PathLike) -> Path:
+def base_model_name(model: nn.Module) -> Optional[str]:
+    """The hub id or local folder the base model was loaded from (its config's ``_name_or_path``), or
+    ``None`` for a model built from a config (the tiny model, a base assembled from parts): peft's own
+    convention for ``base_model_name_or_path``."""
+    base = base_transformers_model(model)
+    return (getattr(base.config, "_name_or_path", "") or getattr(base, "name_or_path", "") or None)
+
+
+def save_adapter(model: PeftModel, directory: str | os.PathLike, base_model: Optional[dict] = None) -> Path:
     """Write the adapter of ``model`` (peft + SAN + other trainable modules) to ``directory``, atomically.
 
-    Returns the folder. Under data parallelism call :func:`llava_san.peft.sync_gamma_ema` on every rank
-    first, then this on rank 0.
+    ``base_model``: how the base was built (a run's ``model.build`` config), recorded in the manifest
+    and the model card. Returns the folder. Under data parallelism call
+    :func:`llava_san.peft.sync_gamma_ema` on every rank first, then this on rank 0.
     """
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_adapter expects a peft.PeftModel, got {type(model).__name__}")
     base = base_transformers_model(model)
     state = get_san_state(model)
-    extra = {n: _cpu(p) for n, p in base.named_parameters() if p.requires_grad and not is_adapter_param(n)}
+    extra = {n: p for n, p in base.named_parameters() if p.requires_grad and not is_adapter_param(n)}
+    whole = stock_layout.modules_to_save(base, extra)
+    stock = state is None and whole is not None
     # full_shape: under ZeRO-3 the frozen base weight is a placeholder (it is not gathered for saving)
     adapted = {n: list(full_shape(w)) for n, w in
                ((n, base.get_submodule(n).get_base_layer().weight) for n in adapted_module_names(model))}
+    lora_cfg = copy.deepcopy(model.peft_config[model.active_adapter])
+    lora_cfg.modules_to_save = whole or None
+    lora_cfg.base_model_name_or_path = base_model_name(model)
+    lora_cfg.inference_mode = True  # as peft saves it; load_adapter(is_trainable=True) turns it off
+    files = {"lora_config": CONFIG if stock else SAN_LORA_CONFIG,
+             "extra": None if not extra else (PEFT_WEIGHTS if whole is not None else EXTRA)}
     manifest = {
         "format": "llava-san-adapter",
-        "version": 2,
+        "version": 3,
         "kind": "adapter",
         **_fingerprint(model),
         "adapted_shapes": adapted,
-        "lora": _lora_settings(model.peft_config[model.active_adapter]),
+        "lora": _lora_settings(lora_cfg),
         "san": state is not None,
         "extra_trainable": sorted(extra),
+        "modules_to_save": whole or [],
+        "files": files,
+        "stock_peft": stock,
+        "base_model_name_or_path": lora_cfg.base_model_name_or_path,
+        "base_model": _plain(base_model),
     }
     with atomic_dir(directory) as tmp:
-        peft_sd = {k: _cpu(v) for k, v in get_peft_model_state_dict(model).items()}
-        save_file(peft_sd, str(tmp / PEFT_WEIGHTS))
-        model.peft_config[model.active_adapter].save_pretrained(str(tmp))
+        peft_sd = dict(get_peft_model_state_dict(model))
+        if whole:
+            peft_sd.update(stock_layout.module_tensors(base, whole))
+        save_file({k: _cpu(v) for k, v in peft_sd.items()}, str(tmp / PEFT_WEIGHTS))
+        lora_cfg.save_pretrained(str(tmp))  # writes adapter_config.json
+        if not stock:  # stock peft must refuse the folder: the real config moves aside
+            os.replace(tmp / CONFIG, tmp / SAN_LORA_CONFIG)
+            refusal = stock_layout.REFUSAL if state is not None else stock_layout.REFUSAL_PARTIAL
+            (tmp / CONFIG).write_text(json.dumps(
+                {"peft_type": refusal, "base_model_name_or_path": lora_cfg.base_model_name_or_path,
+                 "llava_san_lora_config": SAN_LORA_CONFIG}, indent=2))
         if state is not None:
             (tmp / SAN_CONFIG).write_text(san_config_json(state.cfg))
             save_file({f"{s.name}.san_gamma_ema": _cpu(s.module.san_gamma_ema) for s in state.slots},
                       str(tmp / SAN_STATE))
-        if extra:
-            save_file(extra, str(tmp / EXTRA))
+        if extra and whole is None:
+            save_file({n: _cpu(p) for n, p in extra.items()}, str(tmp / EXTRA))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / MODEL_CARD).write_text(model_card(manifest, None if state is None else state.cfg.to_dict()))
     return Path(directory)
+
+
+def _plain(node: Any) -> Any:
+    """``node`` (a mapping, e.g. an OmegaConf node) as plain JSON data, or None."""
+    if node is None:
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(node):
+            node = OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra, a dependency
+        pass
+    return json.loads(json.dumps(node, default=str))
 
 
 def _lora_settings(cfg: LoraConfig) -> dict[str, Any]:
@@ -110,18 +170,20 @@ def _lora_settings(cfg: LoraConfig) -> dict[str, Any]:
     targets = cfg.target_modules
     targets = targets if isinstance(targets, str) else sorted(targets or [])
     return {"r": int(cfg.r), "lora_alpha": float(cfg.lora_alpha), "use_dora": bool(cfg.use_dora),
-            "use_rslora": bool(cfg.use_rslora), "target_modules": targets}
+            "use_rslora": bool(cfg.use_rslora), "target_modules": targets,
+            "modules_to_save": sorted(cfg.modules_to_save or [])}
 
 
-def save_extra_only(model: nn.Module, directory: str | os.PathLike) -> Path:
+def save_extra_only(model: nn.Module, directory: str | os.PathLike, base_model: Optional[dict] = None) -> Path:
     """Write a model's trained tensors without any adapter, atomically, with a manifest of kind
     ``projector_only`` (``peft=none``: LLaVA's projector) or ``trained_weights`` (``peft=full``: every
-    trained weight). :func:`load_extra_only` loads either."""
+    trained weight); ``base_model`` as for :func:`save_adapter`. :func:`load_extra_only` loads either."""
     base = base_transformers_model(model)
     extra = {n: _cpu(p) for n, p in base.named_parameters() if p.requires_grad}
     kind = "projector_only" if all(is_projector_param(n) for n in extra) else "trained_weights"
     manifest = {"format": "llava-san-adapter", "version": 2, "kind": kind, **_fingerprint(model),
-                "adapted_shapes": {}, "lora": None, "san": False, "extra_trainable": sorted(extra)}
+                "adapted_shapes": {}, "lora": None, "san": False, "extra_trainable": sorted(extra),
+                "base_model_name_or_path": base_model_name(model), "base_model": _plain(base_model)}
     with atomic_dir(directory) as tmp:
         save_file(extra, str(tmp / EXTRA))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -167,20 +229,23 @@ def _check_shapes(source: Path, tensors: dict[str, torch.Tensor], expected: dict
 
 
 def _lora_config(directory: Path, manifest: dict) -> LoraConfig:
-    """``adapter_config.json`` as a ``LoraConfig``, checked against the manifest's record of it."""
-    path = directory / "adapter_config.json"
+    """The folder's LoRA config (``adapter_config.json``, or ``lora_config.json`` in a folder stock peft
+    must refuse; the manifest's ``files`` says which) as a ``LoraConfig``, checked against the manifest's
+    record of it."""
+    path = directory / manifest.get("files", {}).get("lora_config", CONFIG)
     raw = _read_json(path)
+    if raw.get("peft_type") not in (None, "LORA"):
+        raise ValueError(f"{path}: peft_type {str(raw.get('peft_type'))[:80]!r}, expected 'LORA'")
     try:
-        cfg = LoraConfig.from_pretrained(str(directory))
+        cfg = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**raw))
         here = _lora_settings(cfg)  # also catches fields peft accepts unchecked (e.g. r="sixteen")
     except Exception as e:  # peft raises KeyError/TypeError/ValueError on edited fields
         raise ValueError(f"{path} is not a valid peft LoRA config ({type(e).__name__}: {e}); the adapter "
                          "folder is damaged") from None
-    if raw.get("peft_type") not in (None, "LORA"):
-        raise ValueError(f"{path}: peft_type {raw.get('peft_type')!r}, expected 'LORA'")
     recorded = manifest.get("lora")
     if recorded is not None:
-        changed = {k: (recorded.get(k), here[k]) for k in here if recorded.get(k) != here[k]}
+        # a setting the manifest did not record yet (older folders) is not compared
+        changed = {k: (recorded.get(k), here[k]) for k in here if k in recorded and recorded[k] != here[k]}
         if changed:
             raise ValueError(f"{path} disagrees with {directory / MANIFEST} on "
                              + ", ".join(f"{k} ({a!r} when saved, {b!r} now)" for k, (a, b) in changed.items())
@@ -237,6 +302,10 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
         raise ValueError(f"{directory / MANIFEST} is a {manifest['kind']!r} folder, not a LoRA/DoRA adapter: "
                          "load it with llava_san.peft.apply_adapter_folder")
     lora_config = _lora_config(directory, manifest)
+    # the modules_to_save modules are copied into the base as they are (no peft wrapper): the model is the
+    # one training had
+    whole = list(lora_config.modules_to_save or [])
+    lora_config.modules_to_save = None
     if manifest["san"]:
         try:
             san_config = SanConfig.from_dict(_read_json(directory / SAN_CONFIG))
@@ -245,8 +314,10 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
     else:
         san_config = None
     # every tensor is read and checked before the base model is touched
-    peft_sd = _load_tensors(directory / PEFT_WEIGHTS)
+    peft_sd, module_sd = stock_layout.split_module_tensors(_load_tensors(directory / PEFT_WEIGHTS), whole)
     san_sd = _load_tensors(directory / SAN_STATE) if san_config is not None else {}
+    extra_file = manifest.get("files", {}).get("extra", EXTRA)
+    extra_sd = _load_tensors(directory / EXTRA) if manifest.get("extra_trainable") and extra_file == EXTRA else {}
     model = get_san_model(base_model, lora_config, san_config)
     _check_shapes(directory / PEFT_WEIGHTS, peft_sd,
                   {k: v.shape for k, v in get_peft_model_state_dict(model).items()})
@@ -259,9 +330,21 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
                       {f"{s.name}.san_gamma_ema": s.module.san_gamma_ema.shape for s in state.slots})
         for slot in state.slots:
             slot.module.san_gamma_ema.copy_(san_sd[f"{slot.name}.san_gamma_ema"])
-    if manifest.get("extra_trainable"):
-        tensors = _load_tensors(directory / EXTRA)
-        for param in _copy_into(base, tensors, manifest["extra_trainable"], directory / EXTRA):
+    if whole:
+        expected = {f"{m}.{k}" for m in whole for k in base.get_submodule(m).state_dict()}
+        if set(module_sd) != expected:
+            raise ValueError(f"{directory / PEFT_WEIGHTS} does not hold the whole modules {whole} its config "
+                             f"lists (missing {sorted(expected - set(module_sd))[:3]})")
+        _copy_into(base, module_sd, sorted(module_sd), directory / PEFT_WEIGHTS)
+    if extra_sd:
+        _copy_into(base, extra_sd, manifest["extra_trainable"], directory / EXTRA)
+    trained = set(manifest.get("extra_trainable") or [])
+    absent = trained - set(module_sd) - set(extra_sd)
+    if absent:
+        raise ValueError(f"{directory}: the trained tensors {sorted(absent)[:3]} listed in {MANIFEST} are in "
+                         "no file of the folder; the adapter folder is incomplete")
+    for name, param in base.named_parameters():
+        if name in trained:
             param.requires_grad_(is_trainable)
     if not is_trainable:
         for p in model.parameters():
@@ -287,10 +370,10 @@ def load_extra_only(model: nn.Module, directory: str | os.PathLike) -> nn.Module
 
 
 def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], names: list[str],
-               source: Path) -> list[torch.nn.Parameter]:
-    """Copy ``tensors[name]`` into ``model``'s parameter ``name`` for each of ``names``; returns those
-    parameters. Nothing is copied unless every name is in the file and the model with the same shape."""
-    params = dict(model.named_parameters())
+               source: Path) -> list[torch.Tensor]:
+    """Copy ``tensors[name]`` into ``model``'s parameter or buffer ``name`` for each of ``names``; returns
+    them. Nothing is copied unless every name is in the file and the model with the same shape."""
+    params = dict(model.state_dict(keep_vars=True))
     absent = sorted(n for n in names if n not in tensors)
     if absent:
         raise ValueError(f"{source} lacks {absent[:3]} ({len(absent)} tensors)")

@@ -275,7 +275,7 @@ def _damaged_copy(trained_run, tmp_path, name):
     ("gamma_shape", r"san_gamma_ema has shape \(1,\)"),
     ("nan", "holds NaN or inf"),
     ("edited_alpha", r"lora_alpha \(32.0 when saved, 64.0 now\)"),
-    ("bad_json", "adapter_config.json is not valid JSON"),
+    ("bad_json", "lora_config.json is not valid JSON"),
     ("bad_field", "not a valid peft LoRA config"),
 ])
 def test_a_damaged_adapter_folder_is_refused(trained_run, tmp_path, damage, message):
@@ -294,7 +294,9 @@ def test_a_damaged_adapter_folder_is_refused(trained_run, tmp_path, damage, mess
         tensors[key] = torch.ones(1) if damage == "gamma_shape" else tensors[key].clone().fill_(float("nan"))
         save_file(tensors, str(file))
     else:
-        cfg_file = adapter / "adapter_config.json"
+        # the folder's LoRA config (a SAN folder's adapter_config.json only refuses stock peft)
+        manifest = json.loads((adapter / "llava_san_adapter.json").read_text())
+        cfg_file = adapter / manifest["files"]["lora_config"]
         cfg = json.loads(cfg_file.read_text())
         if damage == "edited_alpha":
             cfg["lora_alpha"] = 64

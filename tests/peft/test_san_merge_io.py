@@ -93,15 +93,19 @@ def test_adapter_folder_contents(base_and_inputs, tmp_path):
     model = trained(base, inputs, labels, True, SanConfig(propagation="random"), steps=2)
     out = save_adapter(model, tmp_path / "a")
     files = sorted(os.listdir(out))
-    assert files == sorted(["adapter_config.json", "adapter_model.safetensors", "san_config.json",
-                            "san_state.safetensors", "extra_trainable.safetensors", "llava_san_adapter.json"])
+    # a SAN folder: adapter_config.json refuses stock peft, the LoRA config is lora_config.json
+    assert files == sorted(["adapter_config.json", "lora_config.json", "adapter_model.safetensors",
+                            "san_config.json", "san_state.safetensors", "llava_san_adapter.json", "README.md"])
     peft_sd = load_file(str(out / "adapter_model.safetensors"))
     magnitudes = [k for k in peft_sd if "lora_magnitude_vector" in k]
     assert len(magnitudes) == 7 * SPEC.text_layers  # the DoRA magnitudes are saved
     san_sd = load_file(str(out / "san_state.safetensors"))
     assert all(k.endswith(".san_gamma_ema") for k in san_sd) and len(san_sd) == 7 * SPEC.text_layers
-    extra = load_file(str(out / "extra_trainable.safetensors"))
-    assert sorted(extra) == sorted(n for n, _ in model.base_model.model.named_parameters() if "multi_modal_projector" in n)
+    # the projector is saved whole, as stock peft saves a modules_to_save module
+    projector = {k for k in peft_sd if "multi_modal_projector" in k}
+    assert projector == {"base_model.model." + n for n, _ in model.base_model.model.named_parameters()
+                         if "multi_modal_projector" in n}
+    assert json.loads((out / "lora_config.json").read_text())["modules_to_save"] == ["model.multi_modal_projector"]
     cfg = json.loads((out / "san_config.json").read_text())
     assert cfg["propagation"] == "random" and cfg["pairs"] == [list(p) for p in model._san_state.cfg.pairs]
     # the loaded random pairing is the saved one

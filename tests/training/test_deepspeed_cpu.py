@@ -109,7 +109,7 @@ def _saved_key(name: str) -> tuple[str, str]:
     if "lora_" in name:
         key = name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
         return "adapter_model.safetensors", key.replace(".default.", ".")
-    return "extra_trainable.safetensors", name.removeprefix("base_model.model.")
+    return "adapter_model.safetensors", name  # the projector, saved as a peft modules_to_save module
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_zero_run_saves_the_trained_adapter(stage, peft, tmp_path_factory, _dist
         assert all(n == 0 for n in r["numel"].values()), r["numel"]
     adapter = r["out"] / "adapter"
     files = {name: load_file(adapter / name)
-             for name in ("adapter_model.safetensors", "extra_trainable.safetensors")}
+             for name in ("adapter_model.safetensors",)}
     trained = r["trained"]
     assert any("lora_magnitude_vector" in n for n in trained) == (peft == "san_dora")
     for name, value in trained.items():
@@ -268,7 +268,7 @@ def test_two_ranks_zero3_average_gamma_and_save_gathered_adapter(tmp_path):
     dump = torch.load(tmp_path / "trained.pt", weights_only=True)
     assert all(dump["partitioned"].values())  # each rank held only its partition
     files = {name: load_file(tmp_path / "adapter" / name)
-             for name in ("adapter_model.safetensors", "extra_trainable.safetensors")}
+             for name in ("adapter_model.safetensors",)}
     for name, value in dump["trained"].items():
         file, key = _saved_key(name)
         torch.testing.assert_close(files[file][key], value, rtol=0, atol=0, msg=name)

@@ -55,7 +55,8 @@ def test_llava_from_parts(model, ckpts, tmp_path):
     assert cfg.model.build._target_ == "llava_san.models.build_llava_from_parts"
     assert cfg.model.processor._target_ == "llava_san.models.build_parts_processor"
     assert m["train/global_step"] == 1 and torch.isfinite(torch.tensor(m["train/loss_first"]))
-    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    manifest = json.loads((tmp_path / "adapter" / "llava_san_adapter.json").read_text())
+    adapter = json.loads((tmp_path / "adapter" / manifest["files"]["lora_config"]).read_text())
     assert (adapter["r"], adapter["lora_alpha"], adapter["use_dora"]) == (128, 256, True)  # the paper recipe
     # the projector started from LLaVA's stage-1 mm_projector.bin (model.mm_projector.{0,2} -> linear_{1,2})
     stage1 = torch.load(ckpts["mm_projector"], weights_only=True)

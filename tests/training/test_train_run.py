@@ -37,8 +37,11 @@ def test_fast_dev_run_each_peft(peft, tmp_path):
     assert {"train/loss_first", "train/loss_last", "time/train_s"} <= set(saved)
     assert (tmp_path / "config.yaml").exists()
     files = {p.name for p in (tmp_path / "adapter").iterdir()}
-    assert "extra_trainable.safetensors" in files  # the projector
     assert ("adapter_model.safetensors" in files) == (peft != "none")
+    # the projector: beside the adapters as a peft modules_to_save module, alone without an adapter
+    assert ("extra_trainable.safetensors" in files) == (peft == "none")
+    projector_file = "extra_trainable.safetensors" if peft == "none" else "adapter_model.safetensors"
+    assert any("multi_modal_projector" in k for k in load_file(tmp_path / "adapter" / projector_file))
     assert ("san_state.safetensors" in files) == peft.startswith("san_")
 
 
@@ -101,7 +104,7 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path):
     assert not (tmp_path / "run" / "adapter").exists()
     resumed = _subprocess_run(tmp_path / "run", "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for name in ("adapter_model.safetensors", "extra_trainable.safetensors", "san_state.safetensors"):
+    for name in ("adapter_model.safetensors", "san_state.safetensors"):  # the projector is in the first
         a, b = load_file(tmp_path / "ref" / "adapter" / name), load_file(tmp_path / "run" / "adapter" / name)
         assert a.keys() == b.keys()
         for k in a:

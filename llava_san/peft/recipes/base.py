@@ -24,6 +24,9 @@ class AdapterRecipe:
     kinds: ClassVar[tuple[str, ...]] = ()
     #: SAN options, when the recipe adds SAN (γ statistics are logged then)
     san: Optional[SanConfig] = None
+    #: how the base was built (a run's ``model.build`` config, set by ``train/run.py``): recorded in the
+    #: saved folder's manifest and model card, so the folder says which base it belongs to
+    base_model: Optional[dict] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -47,7 +47,7 @@ class LoraRecipe(AdapterRecipe):
 
     def save(self, model: nn.Module, folder: str | os.PathLike) -> Path:
         """:func:`~llava_san.peft.save_adapter`: peft tensors, SAN config and γ̄, other trained tensors."""
-        return save_adapter(model, folder)
+        return save_adapter(model, folder, base_model=self.base_model)
 
     @classmethod
     def load(cls, model: nn.Module, folder: str | os.PathLike, is_trainable: bool = False) -> PeftModel:

@@ -18,7 +18,7 @@ class _TrainedWeights(AdapterRecipe):
     else ``trained_weights``) and copies them back into a fresh base."""
 
     def save(self, model: nn.Module, folder: str | os.PathLike) -> Path:
-        return save_extra_only(model, folder)
+        return save_extra_only(model, folder, base_model=self.base_model)
 
     @classmethod
     def load(cls, model: nn.Module, folder: str | os.PathLike, is_trainable: bool = False) -> nn.Module:
