@@ -84,7 +84,11 @@ def make_plan(config: EvalConfig) -> Plan:
     k, idx = config.num_chunks, config.chunk_idx
     _check_sharding(k, idx)
     overrides = config.data_overrides
-    data = {n: resolve_benchmark(n, eval_root=config.eval_root, overrides=overrides.get(n), limit=config.limit)
+    # only scoring reads the annotations: a run with score=false, or a chunk worker (which only
+    # generates), does not need them
+    scores = bool(config.score) and idx is None
+    data = {n: resolve_benchmark(n, eval_root=config.eval_root, overrides=overrides.get(n), limit=config.limit,
+                                 need_annotations=scores)
             for n in names}
     out = Path(config.output_dir)
     chunks = [idx] if idx is not None else list(range(k))

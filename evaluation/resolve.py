@@ -64,8 +64,10 @@ def _files(task: Task, eval_root: str | os.PathLike | None, overrides: dict[str,
     return files
 
 
-def _check_files(task: Task, files: dict[str, Any], eval_root: Any) -> tuple[Path, Optional[Path], Optional[Path]]:
-    """``(questions file, image folder, annotations)``, each checked to exist."""
+def _check_files(task: Task, files: dict[str, Any], eval_root: Any,
+                 need_annotations: bool = True) -> tuple[Path, Optional[Path], Optional[Path]]:
+    """``(questions file, image folder, annotations)``, each checked to exist; missing annotations are
+    ``None`` when they are not needed (a run that only generates)."""
     name = task.name
     questions_file = files.get("questions")
     if questions_file is None or not Path(questions_file).is_file():
@@ -78,11 +80,11 @@ def _check_files(task: Task, files: dict[str, Any], eval_root: Any) -> tuple[Pat
             f"{name}: image folder not found: {image_folder} (set data.{name}.image_folder=... or eval_root)")
     annotations = files.get("annotations")
     if annotations is not None and not Path(annotations).exists():
-        if not task.annotations_optional:
+        if need_annotations and not task.annotations_optional:
             raise FileNotFoundError(
                 f"{name}: annotations not found: {annotations} (needed to score; set "
-                f"data.{name}.annotations=... or score=false)")
-        annotations = None  # a test split: answers + upload file only
+                f"data.{name}.annotations=..., or score=false to generate the answers only)")
+        annotations = None  # not scored here, or a test split: answers + upload file only
     return (Path(questions_file), Path(image_folder) if image_folder is not None else None,
             Path(annotations) if annotations is not None else None)
 
@@ -113,18 +115,21 @@ def resolve_benchmark(
     overrides: Mapping[str, Any] | None = None,
     limit: Optional[int] = None,
     check_images: bool = True,
+    need_annotations: bool = True,
 ) -> BenchmarkData:
     """Find ``name``'s files and read its questions; every problem raises with the path in the message.
 
     Files: ``overrides`` (``data.<name>``: ``questions``, ``image_folder``, ``annotations``, the
     task's extra files, ``split``; easy-vqa: ``cache_dir``) win over the task's own files (LLaVA's
     ``eval.zip`` layout under ``eval_root``, or the task's finder). ``limit`` keeps the first
-    questions. With ``check_images`` every image file of the kept questions must exist.
+    questions. With ``check_images`` every image file of the kept questions must exist. The annotations
+    are only read to score: with ``need_annotations=False`` (``score=false``, a chunk worker) a missing
+    annotation file is no error and ``annotations`` is ``None``.
     """
     task = get_benchmark(name)  # unknown names list the valid ones
     over = _set_overrides(overrides)
     files = _files(task, eval_root, over)
-    questions_file, image_folder, annotations = _check_files(task, files, eval_root)
+    questions_file, image_folder, annotations = _check_files(task, files, eval_root, need_annotations)
     extra = {k: Path(files[k]) for k in task.extra_files
              if files.get(k) is not None and Path(files[k]).is_file()}
     questions = task.load_questions(questions_file, image_folder)
