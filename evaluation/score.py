@@ -9,20 +9,8 @@ metrics as fractions in [0, 1], ``coverage`` (expected / answered / missing / un
 and ``submission`` when an upload file was written. Logs go to stderr. Exit status: 0 on success,
 1 when the inputs are wrong (the message says which file, line or ids), 2 for a usage error.
 
-What each benchmark needs (see ``evaluation/tasks/<name>.py``):
-
-=========  ===========================================  ==========================================
-benchmark  --annotations                                 --questions
-=========  ===========================================  ==========================================
-vqav2      v2_mscoco_<split>_annotations.json            LLaVA jsonl / official json (submission ids)
-gqa        <split>_balanced_questions.json               optional (restricts the expected ids)
-vizwiz     official val.json (omit for test)             LLaVA question jsonl (image join, upload)
-textvqa    TextVQA_0.5.1_val.json                        optional
-scienceqa  problems.json (+ --split test, pid_splits)    optional
-pope       folder of coco_pope_<split>.json              llava_pope_test.jsonl (required)
-mmbench    the dev TSV                                   -
-easyvqa    {question_id: {answer, question_type}} json   optional
-=========  ===========================================  ==========================================
+What each benchmark needs is listed by ``--help``, from each benchmark's :class:`~evaluation.tasks.task.Task`
+(``score_needs``, and where LLaVA's ``eval.zip`` keeps the file: ``layout``).
 """
 
 from __future__ import annotations
@@ -38,7 +26,7 @@ from typing import Any, Sequence
 from evaluation.files import DataFileError, write_json
 from evaluation.tasks import BENCHMARKS, get_benchmark
 
-__all__ = ["main", "score_benchmark"]
+__all__ = ["main", "needs_help", "score_benchmark"]
 
 log = logging.getLogger("evaluation.score")
 
@@ -81,10 +69,26 @@ def score_benchmark(
     )
 
 
+def needs_help() -> str:
+    """What each benchmark's scorer needs, one line per input: flag, how it is needed, what it takes and
+    where LLaVA's ``eval.zip`` keeps it (from the benchmarks' :class:`~evaluation.tasks.task.Task`)."""
+    lines = ["what each benchmark needs (either: at least one of its 'either' inputs):"]
+    for name in BENCHMARKS:
+        task = get_benchmark(name)
+        layout = dict(task.layout)
+        folder = layout.pop("folder", name)
+        for k, need in enumerate(task.score_needs):
+            where = f" [eval.zip: {folder}/{layout[need.arg]}]" if need.arg in layout else ""
+            lines.append(f"  {name if k == 0 else '':<10} {need.flag:<14} {need.need:<9} {need.what}{where}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m evaluation.score",
         description="Score a LLaVA answer jsonl against official ground truth; prints one JSON object.",
+        epilog=needs_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("benchmark", help=f"one of: {', '.join(BENCHMARKS)}")
     p.add_argument("--answers", required=True, help="LLaVA answer jsonl (question_id, prompt, text, ...)")

@@ -29,7 +29,7 @@ from evaluation.tasks.base import (
     read_llava_question_jsonl,
     result,
 )
-from evaluation.tasks.task import Task
+from evaluation.tasks.task import ScoreInput, Task
 from llava_san.easyvqa_score import accuracy_by_type
 
 NAME = "easyvqa"
@@ -141,4 +141,7 @@ def _find_files(overrides: Mapping[str, Any]) -> dict[str, Path]:
 
 
 TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
-            find_files=_find_files)
+            find_files=_find_files, score_needs=(
+                ScoreInput("annotations", "required", "{question_id: {answer, question_type}} json (the "
+                           "easy-vqa cache's test_answers.json)"),
+                ScoreInput("questions", "optional", "question jsonl (restricts the expected ids)")))

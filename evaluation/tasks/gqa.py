@@ -28,7 +28,7 @@ from evaluation.tasks.base import (
     resolve_image,
     result,
 )
-from evaluation.tasks.task import Task
+from evaluation.tasks.task import ScoreInput, Task
 
 NAME = "gqa"
 TITLE = "GQA"
@@ -171,4 +171,6 @@ def score_files(
 
 
 TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
-            write_submission=write_predictions)
+            write_submission=write_predictions, score_needs=(
+                ScoreInput("annotations", "required", "the official <split>_balanced_questions.json"),
+                ScoreInput("questions", "optional", "LLaVA question jsonl (restricts the expected ids)")))

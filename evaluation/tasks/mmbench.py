@@ -40,7 +40,7 @@ from evaluation.tasks.base import (
     mean,
     result,
 )
-from evaluation.tasks.task import Task
+from evaluation.tasks.task import ScoreInput, Task
 from evaluation.xlsx import write_xlsx
 
 NAME = "mmbench"
@@ -365,4 +365,7 @@ def _score_inputs(data: Any) -> dict[str, Any]:
 
 #: MMBench ids come from the TSV, so it is scored on the whole file.
 TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
-            write_submission=write_submission, scores_subset=False, score_inputs=_score_inputs)
+            write_submission=write_submission, scores_subset=False, score_inputs=_score_inputs, score_needs=(
+                ScoreInput("annotations", "either", "the dev TSV (scored when it has answers; the upload "
+                           "spreadsheet in any case)"),
+                ScoreInput("questions", "either", "the same TSV")))

@@ -26,7 +26,7 @@ from typing import Any
 from evaluation.answers import as_answers, canonical_id, match_answers
 from evaluation.files import DataFileError, iter_jsonl
 from evaluation.tasks.base import EvalQuestion, mean, read_llava_question_jsonl, result
-from evaluation.tasks.task import Task
+from evaluation.tasks.task import ScoreInput, Task
 
 NAME = "pope"
 TITLE = "POPE"
@@ -185,4 +185,6 @@ def score_files(
 
 #: POPE pairs labels with answers by position, so it is scored on the whole question file.
 TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
-            scores_subset=False)
+            scores_subset=False, score_needs=(
+                ScoreInput("questions", "required", "llava_pope_test.jsonl"),
+                ScoreInput("annotations", "required", "the folder of coco_pope_<category>.json")))

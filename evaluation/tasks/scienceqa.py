@@ -36,7 +36,7 @@ from evaluation.tasks.base import (
     resolve_image,
     result,
 )
-from evaluation.tasks.task import Task
+from evaluation.tasks.task import ScoreInput, Task
 
 NAME = "scienceqa"
 TITLE = "SQA-IMG"
@@ -233,4 +233,8 @@ def _score_inputs(data: Any) -> dict[str, Any]:
 
 
 TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
-            uses_split=USES_SPLIT, extra_files=("pid_splits",), score_inputs=_score_inputs)
+            uses_split=USES_SPLIT, extra_files=("pid_splits",), score_inputs=_score_inputs, score_needs=(
+                ScoreInput("annotations", "required", "problems.json"),
+                ScoreInput("questions", "optional", "LLaVA question json (restricts the expected ids)"),
+                ScoreInput("split", "optional", "split name (default test) or a json list of problem ids"),
+                ScoreInput("pid_splits", "optional", "pid_splits.json (default: beside problems.json)")))

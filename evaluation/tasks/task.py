@@ -12,7 +12,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-__all__ = ["Task"]
+__all__ = ["NEEDS", "ScoreInput", "Task"]
+
+#: how a scorer input is needed: ``required``; ``optional``; ``either`` (at least one of the benchmark's
+#: ``either`` inputs is required)
+NEEDS = ("required", "optional", "either")
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """One input of a benchmark's scorer, as ``python -m evaluation.score --help`` lists it.
+
+    Attributes:
+        arg: the ``score_files`` keyword (``questions``, ``annotations``, ``split``, ``pid_splits``,
+            ``convention``); the command-line flag is ``--<arg>`` with ``-`` for ``_``.
+        need: one of :data:`NEEDS`.
+        what: the file or value it takes.
+    """
+
+    arg: str
+    need: str
+    what: str
+
+    def __post_init__(self) -> None:
+        if self.need not in NEEDS:
+            raise ValueError(f"ScoreInput.need must be one of {NEEDS}, got {self.need!r}")
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag, e.g. ``--pid-splits``."""
+        return "--" + self.arg.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -44,6 +73,8 @@ class Task:
             whose files are not under ``eval_root`` (easy-vqa: its cache); ``None``: ``layout``.
         score_inputs: ``(benchmark data) -> scorer keyword arguments`` beyond the generic ones (see
             :func:`evaluation.scoring.score_answers`).
+        score_needs: the inputs ``score_files`` takes besides the answers, each with how it is needed
+            (:class:`ScoreInput`); ``python -m evaluation.score --help`` lists them.
     """
 
     name: str
@@ -61,6 +92,7 @@ class Task:
     extra_files: tuple[str, ...] = field(default=())
     find_files: Optional[Callable[[Mapping[str, Any]], dict[str, Path]]] = None
     score_inputs: Optional[Callable[[Any], dict[str, Any]]] = None
+    score_needs: tuple[ScoreInput, ...] = field(default=())
 
     def llava_paths(self, eval_root: str | os.PathLike) -> dict[str, Path]:
         """The benchmark's files in LLaVA's ``eval.zip`` layout under ``eval_root``."""

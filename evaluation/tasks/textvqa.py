@@ -29,7 +29,7 @@ from evaluation.tasks.base import (
     read_llava_question_jsonl,
     result,
 )
-from evaluation.tasks.task import Task
+from evaluation.tasks.task import ScoreInput, Task
 from llava_san.normalize import normalize_evalai, vqa_soft_accuracy
 
 NAME = "textvqa"
@@ -174,4 +174,6 @@ def score_files(
     )
 
 
-TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files)
+TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files, score_needs=(
+    ScoreInput("annotations", "required", "TextVQA_0.5.1_val.json"),
+    ScoreInput("questions", "optional", "LLaVA question jsonl (restricts the expected ids)")))

@@ -34,7 +34,7 @@ from evaluation.tasks.base import (
     resolve_image,
     result,
 )
-from evaluation.tasks.task import Task
+from evaluation.tasks.task import ScoreInput, Task
 from llava_san.normalize import normalize_evalai, normalize_vqa, vqa_soft_accuracy
 
 NAME = "vizwiz"
@@ -201,4 +201,6 @@ def score_files(
 
 #: the test split has no ground truth: answers + upload file only.
 TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
-            write_submission=write_submission, annotations_optional=True)
+            write_submission=write_submission, annotations_optional=True, score_needs=(
+                ScoreInput("questions", "either", "LLaVA question jsonl (image join, upload file)"),
+                ScoreInput("annotations", "either", "the official val.json (omit for test: upload file only)")))

@@ -35,7 +35,7 @@ from evaluation.tasks.base import (
     resolve_image,
     result,
 )
-from evaluation.tasks.task import Task
+from evaluation.tasks.task import ScoreInput, Task
 from llava_san.normalize import normalize_evalai, normalize_vqa, vqa_soft_accuracy
 
 NAME = "vqav2"
@@ -257,4 +257,8 @@ def _score_inputs(data: Any) -> dict[str, Any]:
 #: test-dev has no ground truth: answers + upload file only.
 TASK = Task(NAME, TITLE, HEADLINE, MAX_NEW_TOKENS, LLAVA_LAYOUT, load_questions, score, score_files,
             write_submission=write_submission, annotations_optional=True,
-            extra_files=("submission_questions",), score_inputs=_score_inputs)
+            extra_files=("submission_questions",), score_inputs=_score_inputs, score_needs=(
+                ScoreInput("annotations", "either", "v2_mscoco_<split>_annotations.json (without it, test-dev: "
+                           "the upload file only)"),
+                ScoreInput("questions", "either", "LLaVA question jsonl or official json (the upload file's ids)"),
+                ScoreInput("convention", "optional", "llava (default) or lmms-eval")))

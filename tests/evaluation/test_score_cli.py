@@ -200,3 +200,42 @@ def test_cli_bad_encodings_name_file_and_line(tmp_path, capsys, damage, message)
     import re
 
     assert rc == 1 and out.out == "" and re.search(message, out.err), out.err
+
+
+#: score_files keywords every benchmark takes, which are not benchmark inputs
+_GENERIC = {"answers", "submission", "allow_missing", "allow_unknown"}
+
+
+def test_help_lists_what_each_benchmark_needs(tmp_path):
+    """`python -m evaluation.score --help` lists, per benchmark, each scorer input and how it is needed;
+    the list is the scorer's own: every input it takes and nothing else, and leaving out the required
+    ones fails naming them."""
+    import inspect
+
+    done = subprocess.run([sys.executable, "-m", "evaluation.score", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(None, 3) for line in done.stdout.split("what each benchmark needs")[1].splitlines()[1:]]
+    listed, current = {}, None
+    for row in rows:
+        if row[0] in BENCHMARKS:
+            current, row = row[0], row[1:]
+        listed.setdefault(current, {})[row[0]] = row[1]
+    assert list(listed) == list(BENCHMARKS)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("")
+    for name in BENCHMARKS:
+        task = get_benchmark(name)
+        takes = set(inspect.signature(task.score_files).parameters) - _GENERIC
+        if not task.uses_split:  # every scorer takes split; only those with uses_split read it
+            takes.discard("split")
+        assert {n.arg for n in task.score_needs} == takes, name
+        assert listed[name] == {n.flag: n.need for n in task.score_needs}, name
+        # with none of its inputs, the scorer refuses, naming a required input (or one of the alternatives)
+        must = [n.flag for n in task.score_needs if n.need != "optional"]
+        assert must, name
+        with pytest.raises(ValueError) as err:
+            score_benchmark(name, str(answers))
+        assert any(flag in str(err.value) for flag in must), (name, str(err.value))
+        required = [n.flag for n in task.score_needs if n.need == "required"]
+        assert all(flag in str(err.value) for flag in required), (name, str(err.value))
