@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from .loading import LoadedModel, describe_path, load_model
 
-__all__ = ["Assistant", "PromptSettings", "PromptTooLong", "Turn", "prompt_settings"]
+__all__ = ["Assistant", "PromptSettings", "PromptTooLong", "Turn", "prompt_settings", "text_pieces"]
 
 USER, ASSISTANT = "user", "assistant"
+#: a SentencePiece byte-fallback token (one raw UTF-8 byte)
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class PromptTooLong(ValueError):
@@ -59,9 +62,27 @@ def _from_run(run: Path) -> PromptSettings:
                           str(data.get("image_aspect_ratio", "pad")))
 
 
+def _image_processor_config(folder: Path) -> Optional[dict]:
+    """The saved image processor settings: transformers 5 keeps them in ``processor_config.json``
+    (``image_processor``), earlier exports and hub checkpoints in ``preprocessor_config.json``."""
+    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            cfg = json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not valid JSON ({err}); the checkpoint folder is damaged") from None
+        cfg = cfg.get(key) if key and isinstance(cfg, dict) else cfg
+        if isinstance(cfg, dict):
+            return cfg
+    return None
+
+
 def _from_checkpoint(folder: Path) -> PromptSettings:
     """An exported folder: the template whose chat template it carries, pad or crop by its image
-    processor (``do_pad``); a llava-hf checkpoint of other origin: LLaVA-1.5's settings."""
+    processor (``do_pad``); a llava-hf checkpoint of other origin: LLaVA-1.5's template, and the
+    aspect its image processor gives (a plain CLIP processor centre-crops)."""
     from ..chat_template import chat_template
     from ..conversation import TEMPLATES
 
@@ -71,14 +92,10 @@ def _from_checkpoint(folder: Path) -> PromptSettings:
         text = jinja.read_text()
         template = next((name for name in TEMPLATES if chat_template(name) == text), template)
     aspect = "pad"
-    pre = folder / "preprocessor_config.json"
-    if pre.is_file():
-        try:
-            cfg = json.loads(pre.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{pre} is not valid JSON ({err}); the checkpoint folder is damaged") from None
-        if cfg.get("do_pad") is False or (cfg.get("do_pad") is None and cfg.get("do_center_crop")):
-            aspect = "crop"
+    cfg = _image_processor_config(folder)
+    if cfg is not None and (cfg.get("do_pad") is False
+                            or (cfg.get("do_pad") is None and cfg.get("do_center_crop"))):
+        aspect = "crop"
     return PromptSettings(template, "llava", aspect)
 
 
@@ -93,6 +110,34 @@ def prompt_settings(path: str | os.PathLike) -> PromptSettings:
     if kind == "checkpoint":
         return _from_checkpoint(p)
     return PromptSettings()
+
+
+def text_pieces(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
+    """The answer text of ``tokens`` (new token ids, as they are generated) in pieces whose
+    concatenation is :func:`llava_san.generation.decode` of all of them (LLaVA's answer text).
+
+    A piece is sent once no later token can change it: a SentencePiece tokenizer decodes a run of
+    byte tokens (``<0xC3>``: byte fallback) as one group and replaces *every* byte of a group that
+    is not valid UTF-8, so the text of a run is held until the run ends; so is a text ending in an
+    unfinished character (U+FFFD), and trailing spaces (the answer is stripped).
+    """
+    from ..generation import decode
+
+    ids: list[int] = []
+    sent = ""
+    for token in tokens:
+        ids.append(int(token))
+        if _BYTE_TOKEN.fullmatch(str(tokenizer.convert_ids_to_tokens(int(token)))):
+            continue
+        text = decode(tokenizer, ids)
+        if text.startswith(sent) and not text.endswith("\ufffd") and len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+    final = decode(tokenizer, ids)
+    if not final.startswith(sent):  # sent text is final: only the held-back end may change
+        raise RuntimeError(f"streamed text {sent!r} diverged from the decoded answer {final!r}")
+    if final != sent:
+        yield final[len(sent):]
 
 
 class Assistant:
@@ -179,8 +224,9 @@ class Assistant:
         limit = self.context_length
         if limit is not None and len(ids) >= limit:
             raise PromptTooLong(
-                f"the prompt is {len(ids)} tokens (image tokens included) but the model reads at most {limit} "
-                "(tokenizer model_max_length / max_position_embeddings); shorten it or start a new conversation")
+                f"the prompt is {len(ids)} tokens (image tokens included) but the model reads at most "
+                f"{limit} (tokenizer model_max_length / max_position_embeddings); shorten it or start a new "
+                "conversation")
         room = int(max_new_tokens) if limit is None else min(int(max_new_tokens), limit - len(ids))
         return GenerationInput(ids, pixels, room)
 
@@ -210,27 +256,14 @@ class Assistant:
         return self._pieces(self.encode(turns, image, max_new_tokens))
 
     def _pieces(self, prompt: Any) -> Iterator[str]:
-        from ..generation import decode, stream_tokens
+        from ..generation import stream_tokens
 
-        ids: list[int] = []
-        sent = ""
         was_training = self.model.training
         self.model.eval()
         try:
-            for token in stream_tokens(self.model, prompt, pad_token_id=self.tokenizer.pad_token_id,
-                                       eos_token_id=self.tokenizer.eos_token_id):
-                ids.append(token)
-                text = decode(self.tokenizer, ids)
-                # hold back a piece that may still change (an unfinished UTF-8 character)
-                if text.startswith(sent) and not text.endswith("\ufffd"):
-                    if len(text) > len(sent):
-                        yield text[len(sent):]
-                        sent = text
-            final = decode(self.tokenizer, ids)
-            if final != sent:
-                if not final.startswith(sent):  # stripping can only change the end while streaming
-                    raise RuntimeError("streamed text diverged from the decoded answer")
-                yield final[len(sent):]
+            tok = self.tokenizer
+            yield from text_pieces(tok, stream_tokens(self.model, prompt, pad_token_id=tok.pad_token_id,
+                                                      eos_token_id=tok.eos_token_id))
         finally:
             self.model.train(was_training)
 
@@ -255,7 +288,8 @@ class Assistant:
             return self.encoder.pixel_values(image)
 
         def encode(q: tuple[str, Any], pv: Any):
-            return self._generation_input(self._prompt_ids([Turn(USER, q[0])], pv is not None), pv, max_new_tokens)
+            ids = self._prompt_ids([Turn(USER, q[0])], pv is not None)
+            return self._generation_input(ids, pv, max_new_tokens)
 
         return answer_questions(self.model, self.processor, list(questions), encode, prepare=pixels,
                                 batch_size=batch_size, num_workers=num_workers, on_batch=on_batch)
