@@ -41,25 +41,6 @@ def question_image(q: EvalQuestion) -> Any:
     return load_image(os.fspath(q.image))  # clear error naming the file
 
 
-class _Progress:
-    """Logs answered / total and the speed every ``every_s`` seconds."""
-
-    def __init__(self, name: str, total: int, resumed: int, every_s: float) -> None:
-        self.name, self.total, self.resumed, self.every_s = name, total, resumed, every_s
-        self.t0 = self.last = time.perf_counter()
-        self.done = 0
-
-    def add(self, n: int) -> None:
-        """Count ``n`` more answers; log when due."""
-        self.done += n
-        if time.perf_counter() - self.last > self.every_s:
-            rate = self.done / (time.perf_counter() - self.t0)
-            todo = self.total - self.resumed
-            log.info("%s: %d/%d answered (%.2f questions/s, ~%.0f s left)", self.name, self.resumed + self.done,
-                     self.total, rate, (todo - self.done) / max(rate, 1e-9))
-            self.last = time.perf_counter()
-
-
 def generate_answers(
     model: Any,
     processor: Any,
@@ -81,10 +62,12 @@ def generate_answers(
     encoded by :class:`llava_san.generation.PromptEncoder` (training's template, tokenization and
     image preprocessing) and answered greedily, ``batch_size`` at a time, for at most the question's
     ``max_new_tokens`` (or ``max_new_tokens`` when given); ``num_workers`` threads prepare the images
-    of the next batches. Returns counts and timing.
+    of the next batches. Progress (answered / total, resumed counted): a bar on a terminal stderr, else a
+    log line every ``log_every_s`` s (:class:`~llava_san.training.progress.AnswerProgress`). Returns counts.
     """
     # imported here: torch, which checking inputs and scoring do not need
     from llava_san.generation import GenerationInput, PromptEncoder, answer_questions
+    from llava_san.training.progress import AnswerProgress
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -96,8 +79,6 @@ def generate_answers(
         resumed = len(questions) - len(todo)
         if resumed:
             log.info("%s: %d/%d questions already answered; resuming", answers_file, resumed, len(questions))
-        progress = _Progress(Path(answers_file).name, len(questions), resumed, log_every_s)
-
         def pixels(q: EvalQuestion) -> Any:  # in the prefetch threads (the tokenizer stays in this thread)
             image = question_image(q)
             return None if image is None else encoder.pixel_values(image)
@@ -114,9 +95,9 @@ def generate_answers(
                         for q, t in zip(batch, texts)])
             progress.add(len(batch))
 
-        answer_questions(model, processor, todo, encode, prepare=pixels, batch_size=batch_size,
-                         num_workers=num_workers, on_batch=journal)
-    dt = time.perf_counter() - t0
-    n_done = progress.done
+        with AnswerProgress(Path(answers_file).name, len(questions), resumed, log_every_s) as progress:
+            answer_questions(model, processor, todo, encode, prepare=pixels, batch_size=batch_size,
+                             num_workers=num_workers, on_batch=journal)
+    dt, n_done = time.perf_counter() - t0, progress.done
     return {"questions": len(questions), "resumed": resumed, "generated": n_done, "seconds": dt,
             "questions_per_s": n_done / dt if n_done and dt > 0 else None}

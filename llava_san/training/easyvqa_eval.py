@@ -35,6 +35,7 @@ from ..conversation import IMAGE_PLACEHOLDER
 from ..data.images import load_image
 from ..easyvqa_score import accuracy_by_type
 from ..generation import GenerationInput, PromptEncoder, answer_questions
+from .progress import AnswerProgress
 
 TYPES = ("colour", "shape", "yes-no")
 
@@ -83,12 +84,15 @@ class EasyVqaEvaluator:
             in the SAN study's pretrained regime; ``limit`` then counts within them.
         answer_map: the training data's answer renaming (``conf/data: answer_map``): the expected
             answers and the baselines are renamed the same way.
+        log_every_s: seconds between progress log lines when stderr is not a terminal (on a terminal:
+            a progress bar; :class:`~llava_san.training.progress.AnswerProgress`).
     """
 
     def __init__(self, cache_dir: str = ".cache/easyvqa", template: str = "vicuna_v1",
                  tokenization: str = "llava", image_aspect_ratio: str = "pad", batch_size: int = 128,
                  max_new_tokens: int = 4, limit: Optional[int] = None,
-                 question_types: Optional[list[str]] = None, answer_map: Optional[dict] = None) -> None:
+                 question_types: Optional[list[str]] = None, answer_map: Optional[dict] = None,
+                 log_every_s: float = 30.0) -> None:
         from ..data.easyvqa import check_answer_map, check_question_types
 
         if int(batch_size) < 1 or int(max_new_tokens) < 1:
@@ -102,6 +106,7 @@ class EasyVqaEvaluator:
         self.limit = None if limit is None else int(limit)
         self.question_types = check_question_types(question_types)
         self.answer_map = check_answer_map(answer_map)
+        self.log_every_s = float(log_every_s)
 
     def questions(self) -> tuple[list[dict], dict[str, dict], str]:
         """(question rows, ground truth by question id, image folder) of the evaluated test questions."""
@@ -155,7 +160,9 @@ class EasyVqaEvaluator:
         t0 = time.perf_counter()
         rows, truth, image_folder = self.questions()
         prepare, encode = self.encoding(processor, image_folder)
-        texts = answer_questions(model, processor, rows, encode, prepare=prepare, batch_size=self.batch_size)
+        with AnswerProgress("easy-vqa test", len(rows), every_s=self.log_every_s) as progress:
+            texts = answer_questions(model, processor, rows, encode, prepare=prepare, batch_size=self.batch_size,
+                                     on_batch=lambda batch, _: progress.add(len(batch)))
         qids = [str(r["question_id"]) for r in rows]
         acc, by_type = _scores(dict(zip(qids, texts)), truth)
         majority, blind = blind_predictions({q: truth[q]["question"] for q in qids}, self.answer_map)
