@@ -7,7 +7,9 @@ instead, and only once its checkpoint was accepted), logs (``csv/version_N/`` by
 checkpoint). ``metrics.json`` (also logged to every logger at the last step): ``train/loss_first``,
 ``train/loss_last``, ``train/global_step``, ``time/train_s`` (wall), ``time/train_cpu_s`` (CPU of this
 process and its dataloader workers) and, with ``evaluate``, the easy-vqa metrics
-(:mod:`llava_san.training.easyvqa_eval`), whose table is the last thing printed.
+(:mod:`llava_san.training.easyvqa_eval`), whose table is the last thing printed. ``evaluate.when``:
+``auto`` (default) runs that check only when the training data is easy-vqa (a log line says why it is
+skipped otherwise), ``always`` whatever the data; ``evaluate=null`` never.
 """
 from __future__ import annotations
 
@@ -114,13 +116,18 @@ def run(cfg: DictConfig) -> dict:
     save_final_adapter(module.model, cfg.paths.adapter_dir, trainer.is_global_zero, adapter)
     report = None
     if cfg.get("evaluate") and trainer.is_global_zero:
-        if trainer.world_size > 1:
+        from llava_san.training.easyvqa_eval import format_report, should_evaluate
+
+        node = OmegaConf.to_container(cfg.evaluate, resolve=True)
+        node.pop("when", None)  # the rule below, not an evaluator argument
+        wanted, why = should_evaluate(cfg.evaluate.get("when", "auto"), cfg.data.get("_target_"))
+        if not wanted:
+            log.info("evaluate: easy-vqa test accuracy skipped: %s", why)
+        elif trainer.world_size > 1:
             log.warning("evaluate: skipped under %d processes (evaluate the saved adapter instead)",
                         trainer.world_size)
         else:
-            from llava_san.training.easyvqa_eval import format_report
-
-            metrics.update(instantiate(cfg.evaluate)(module.model, module.processor or processor))
+            metrics.update(instantiate(node)(module.model, module.processor or processor))
             report = format_report(metrics)
     if trainer.is_global_zero:
         _log_summary(trainer.loggers, metrics, trainer.global_step)
