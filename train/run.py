@@ -6,7 +6,8 @@ instead, and only once its checkpoint was accepted), logs (``csv/version_N/`` by
 (``save_adapter`` format), ``metrics.json`` and, with ``export=true``, ``merged/`` (plain transformers
 checkpoint). ``metrics.json`` (also logged to every logger at the last step): ``train/loss_first``,
 ``train/loss_last``, ``train/global_step``, ``time/train_s`` (wall), ``time/train_cpu_s`` (CPU of this
-process and its dataloader workers) and, with ``evaluate``, the easy-vqa metrics
+process and its dataloader workers), ``val/loss`` when the data holds out a validation split
+(:func:`~llava_san.training.validation.held_out_loss`, once after training) and, with ``evaluate``, the easy-vqa metrics
 (:mod:`llava_san.training.easyvqa_eval`), whose table is the last thing printed. ``evaluate.when``:
 ``auto`` (default) runs that check only when the training data is easy-vqa (a log line says why it is
 skipped otherwise), ``always`` whatever the data; ``evaluate=null`` never.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -34,6 +36,7 @@ from llava_san.checkpoint import (
 )
 from llava_san.distributed import any_partitioned
 from llava_san.training import BadSampleReport, ConfigAtTrainStart, MetricsRecorder, write_metrics
+from llava_san.training.validation import held_out_loss
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +110,14 @@ def run(cfg: DictConfig) -> dict:
                                      logger=loggers or False, plugins=[AtomicCheckpointIO()], **extra)
 
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():
+        # the held-out split is evaluated once after training (held_out_loss), not by Lightning's val loop
+        warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict = {"time/train_s": time.perf_counter() - t0, "time/train_cpu_s": _cpu_seconds() - cpu0,
                      "train/global_step": trainer.global_step}
     metrics.update(recorder.metrics())
+    metrics.update(held_out_loss(trainer, module.model))
     metrics.update(bad_samples.metrics(trainer))
 
     save_final_adapter(module.model, cfg.paths.adapter_dir, trainer.is_global_zero, adapter)

@@ -1,9 +1,12 @@
 """What `python -m train` does after the last step: the easy-vqa check only after training on easy-vqa
-(evaluate.when)."""
+(evaluate.when), and val/loss on the held-out split."""
+import copy
 import logging
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,3 +50,33 @@ def test_easyvqa_runs_still_score_easyvqa(tmp_path):
         assert should_evaluate(cfg.evaluate.when, cfg.data._target_)[0], experiment
     with pytest.raises(ValueError, match="evaluate.when must be one of"):
         should_evaluate("sometimes", cfg.data._target_)
+
+
+def test_val_loss_on_the_held_out_split(tmp_path, recwarn):
+    """val/loss is the token-weighted mean loss of the trained model over the held-out split, computed
+    here again with transformers' own loss on the saved adapter."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from llava_san.models import build_from_config
+    from llava_san.peft import load_adapter
+    from train.run import run
+
+    cfg = _cfg(tmp_path, "evaluate=null", "data.max_train_samples=16", "data.max_val_samples=6",
+               "data.batch_size=4", "data.num_workers=0")
+    metrics = run(cfg)
+    assert not [w for w in recwarn if "validation_step" in str(w.message)]  # Lightning's warning is gone
+    assert metrics["val/tokens"] > 0 and math.isfinite(metrics["val/loss"])
+
+    base, processor = build_from_config(OmegaConf.load(tmp_path / "config.yaml").model)
+    model = load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    datamodule = instantiate(cfg.data, processor=processor)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        pixel_values=batch["pixel_values"], labels=batch["labels"])
+            total, tokens = total + float(out.loss) * n, tokens + n
+    assert tokens == metrics["val/tokens"]
+    assert metrics["val/loss"] == pytest.approx(total / tokens, rel=1e-5)
