@@ -16,7 +16,9 @@ from omegaconf import DictConfig  # noqa: E402
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from train.run import run  # torch + lightning: not loaded for --help / --cfg / config errors
+    from llava_san.training.log_routing import route_lightning_to_root
 
+    route_lightning_to_root()  # each Lightning message once on the console, and in the run's log file
     metrics = run(cfg)
     return metrics.get("test/easyvqa_accuracy", metrics.get("train/loss_last"))
 

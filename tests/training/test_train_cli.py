@@ -1,0 +1,47 @@
+"""`python -m train` as a user runs it (a subprocess): each log message once on the console and in the run's
+log file."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["data=synthetic", "trainer.accelerator=cpu", "evaluate=null", "peft=lora", "data.num_samples=16",
+        "data.batch_size=4"]
+
+
+def _train(folder, *overrides, base=TINY):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "train", f"hydra.run.dir={folder}", *base, *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+    """6 steps over two epochs of 4 batches, the progress bar refreshed every step."""
+    folder = tmp_path_factory.mktemp("cli") / "run"
+    done = _train(folder, "trainer.max_steps=6", "callbacks.progress_bar.refresh_rate=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder, done
+
+
+def _records(text):
+    """Log records in Hydra's format, without their timestamps (on the console a record may follow the
+    progress bar on its line)."""
+    return re.findall(r"\[\d{4}-\d\d-\d\d [\d:,]+\]\[([^\]]+\]\[[A-Z]+\] - [^\r\n]*)", text)
+
+
+def test_each_lightning_message_once_and_in_the_log_file(six_steps):
+    folder, done = six_steps
+    console = done.stdout + "\n" + done.stderr
+    for message in ("Seed set to 0", "GPU available: False", "`Trainer.fit` stopped: `max_steps=6` reached."):
+        assert console.count(message) == 1, (message, console[-3000:])
+    (log_file,) = folder.glob("*.log")
+    logged = _records(log_file.read_text())
+    assert any("`Trainer.fit` stopped" in r for r in logged)
+    # every record the console printed is in the log file, once each
+    printed = _records(done.stdout)
+    assert printed and sorted(printed) == sorted(logged)
