@@ -1,5 +1,5 @@
 """`python -m train` as a user runs it (a subprocess): each log message once on the console and in the run's
-log file."""
+log file; the progress bar counts optimiser steps to max_steps."""
 import os
 import re
 import subprocess
@@ -45,3 +45,13 @@ def test_each_lightning_message_once_and_in_the_log_file(six_steps):
     # every record the console printed is in the log file, once each
     printed = _records(done.stdout)
     assert printed and sorted(printed) == sorted(logged)
+
+
+def test_progress_bar_counts_steps_to_max_steps(six_steps):
+    _, done = six_steps
+    states = re.findall(r"Epoch (\d+):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", done.stdout)
+    assert states, done.stdout[-2000:]
+    assert {total for _, _, total in states} == {"6"}  # never the 4 batches of an epoch
+    steps = [int(n) for _, n, _ in states]
+    assert steps == sorted(steps) and steps[-1] == 6  # one bar over the run, not restarted each epoch
+    assert {epoch for epoch, _, _ in states} == {"0", "1"}
