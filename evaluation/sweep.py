@@ -100,6 +100,15 @@ def load_job(job_dir: str | os.PathLike, metrics_file: str = "metrics.json") -> 
     return Job(job_dir, parse_overrides(overrides), flatten_metrics(metrics), config)
 
 
+def _failure(job_dir: Path) -> str:
+    """`` (FAILED: <exception>)`` for a job whose run left a ``FAILED`` marker (``train/marker.py``)."""
+    marker = job_dir / "FAILED"
+    if not marker.is_file():
+        return ""
+    lines = marker.read_text(encoding="utf-8", errors="replace").splitlines()
+    return f" (FAILED: {lines[0] if lines else 'see its FAILED file'})"
+
+
 def _job_order(p: Path) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in p.parts)
 
@@ -108,7 +117,8 @@ def collect_multirun(
     root: str | os.PathLike, metrics_file: str = "metrics.json", *, strict: bool = False
 ) -> list[Job]:
     """Every job under ``root`` (folders with ``.hydra/overrides.yaml``), in job-number order. A job
-    without ``metrics_file`` (failed or running) is skipped with a warning, or raises if ``strict``."""
+    without ``metrics_file`` (failed or running) is skipped with a warning (naming the exception of a
+    failed one), or raises if ``strict``."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"multirun folder not found: {root}")
@@ -118,7 +128,7 @@ def collect_multirun(
         if not (job_dir / metrics_file).is_file():
             if strict:
                 raise FileNotFoundError(f"{job_dir}: no {metrics_file}")
-            log.warning("skipping %s: no %s", job_dir, metrics_file)
+            log.warning("skipping %s: no %s%s", job_dir, metrics_file, _failure(job_dir))
             continue
         jobs.append(load_job(job_dir, metrics_file))
     if not jobs:

@@ -1,7 +1,8 @@
 """`python -m train` as a user runs it (a subprocess): each log message once on the console and in the run's
-log file; the progress bar counts optimiser steps to max_steps."""
+log file; the progress bar counts optimiser steps to max_steps; a new run that fails leaves FAILED."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,25 @@ def test_progress_bar_counts_steps_to_max_steps(six_steps):
     steps = [int(n) for _, n, _ in states]
     assert steps == sorted(steps) and steps[-1] == 6  # one bar over the run, not restarted each epoch
     assert {epoch for epoch, _, _ in states} == {"0", "1"}
+
+
+def test_a_new_run_that_fails_is_marked_failed(tmp_path):
+    folder = tmp_path / "run"
+    done = _train(folder, "trainer.max_steps=2", "data=mvit665k", f"data.train_file={tmp_path / 'none.json'}",
+                  base=[t for t in TINY if not t.startswith("data")])
+    assert done.returncode != 0
+    text = (folder / "FAILED").read_text()
+    assert text.splitlines()[0].startswith("FileNotFoundError") and "none.json" in text.splitlines()[0]
+    assert "Traceback" in text
+    # the same folder, now fixed: the run finishes and the marker goes
+    done = _train(folder, "trainer.max_steps=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (folder / "FAILED").exists() and (folder / "metrics.json").is_file()
+
+
+def test_a_refused_command_on_a_finished_run_leaves_no_marker(six_steps, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(six_steps[0], folder)
+    done = _train(folder, "trainer.max_steps=6", "ckpt_path=last", "peft=dora")  # another recipe: refused
+    assert done.returncode != 0
+    assert not (folder / "FAILED").exists()
