@@ -252,6 +252,18 @@ class SanLoraLinear(lora_layer.Linear):
     _san: Optional[_SanSlot]
     san_gamma_ema: torch.Tensor
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "SanLoraLinear":
+        # γ̄ is an fp32 buffer (§4) whatever the module is cast to (model.to(torch.bfloat16), Lightning's
+        # bf16-true): in bf16 the EMA's updates 0.01·(γ − γ̄) round away and γ̄ stays at 1. A device move
+        # applies; the fp32 values are kept, not rounded through the cast.
+        ema = self._buffers.get("san_gamma_ema")
+        super()._apply(fn, recurse)
+        new = self._buffers.get("san_gamma_ema")
+        if new is not None and new.dtype != torch.float32:
+            keep = ema if ema is not None and ema.dtype == torch.float32 and not ema.is_meta else new
+            self._buffers["san_gamma_ema"] = keep.to(device=new.device, dtype=torch.float32)
+        return self
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         slot = getattr(self, "_san", None)
         if (
