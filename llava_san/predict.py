@@ -9,15 +9,15 @@ lines (``image`` relative to the JSONL's folder unless absolute; ``question`` de
 ``--question``; ``id`` optional, copied to the output), or one image file.
 
 The output gets one line per input, in input order: ``{"image": <as given>, "question": ..., "text":
-<answer>}`` (``"id"`` first when the input has one). Answers are greedy and batched
+<answer>, "model_id": <the model folder's name>}`` (``"id"`` first when the input has one). Answers are greedy and batched
 (:meth:`llava_san.inference.Assistant.answer_many`: the loop of ``python -m evaluation``, with the
 prompt format the model was trained with), so they equal the answers of ``python -m llava_san.chat``.
 
 The output is a crash-safe journal (:class:`llava_san.utils.jsonl_journal.JsonlJournal`): every
 batch is flushed and fsynced; running the same command again skips the inputs already answered,
 cuts a line torn by a crash and appends the rest. An output line that is not the answer to the
-input at its position (another input set, order or question) stops the run and leaves the file as
-it was.
+input at its position by the same model (another input set, order, question or model) stops the run
+and leaves the file as it was.
 
 Every input is read before the model is loaded (a JSONL line without question...), every image still
 to answer is decoded once (missing or unreadable), and every prompt is checked against the model's
@@ -58,10 +58,10 @@ class Item:
     id: Any = None
     has_id: bool = False
 
-    def record(self, text: str) -> dict[str, Any]:
+    def record(self, text: str, model_id: str) -> dict[str, Any]:
         """The output line of this input."""
         head = {"id": self.id} if self.has_id else {}
-        return {**head, "image": self.image, "question": self.question, "text": text}
+        return {**head, "image": self.image, "question": self.question, "text": text, "model_id": model_id}
 
     def answered_by(self, obj: Any) -> bool:
         """Whether an output line is this input's answer."""
@@ -153,9 +153,14 @@ def check_images(items: Sequence[Item], workers: int = 2) -> None:
         pool.shutdown(wait=True, cancel_futures=True)  # after an error: the images not yet read are not
 
 
-def _answered(journal: Any, items: Sequence[Item]) -> int:
-    """How many inputs the existing output answers (its lines must be the first answers, in order)."""
+def _answered(journal: Any, items: Sequence[Item], model_id: str) -> int:
+    """How many inputs the existing output answers (its lines must be the first answers, in order, by
+    the same model)."""
     for k, (lineno, obj) in enumerate(journal.lines):
+        if isinstance(obj, dict) and obj.get("model_id") != model_id:
+            raise PredictError(
+                f"{journal.path}:{lineno}: this answer is by model {obj.get('model_id')!r}, not {model_id!r}; "
+                "use another --output for another model, or delete the file")
         if k >= len(items) or not items[k].answered_by(obj):
             expected = (f"the answer to input {k + 1} ({items[k].where}: image {items[k].image!r}, "
                         f"question {items[k].question!r})" if k < len(items)
@@ -187,9 +192,12 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     from .utils.jsonl_journal import JsonlJournal
 
     t0 = time.perf_counter()
+    from .inference.loading import default_model_id
+
     items = read_inputs(args.images, args.question)
+    model_id = default_model_id(args.model)
     with JsonlJournal(args.output, PredictError) as journal:
-        resumed = _answered(journal, items)
+        resumed = _answered(journal, items, model_id)
         todo = items[resumed:]
         if todo:
             from .inference import describe_path
@@ -203,7 +211,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
             _check_context(assistant, todo)
         journal.repair()  # the file is ours: cut a line torn by a crash before appending
         if todo:
-            _generate(assistant, todo, journal, args, resumed, len(items))
+            _generate(assistant, todo, journal, args, resumed, len(items), model_id)
     return {"inputs": len(items), "resumed": resumed, "generated": len(todo),
             "seconds": time.perf_counter() - t0}
 
@@ -218,7 +226,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _generate(assistant: Any, todo: Sequence[Item], journal: Any, args: argparse.Namespace, resumed: int,
-              total: int) -> None:
+              total: int, model_id: str) -> None:
     from tqdm import tqdm
 
     from .data.images import ImageLoadError
@@ -228,7 +236,7 @@ def _generate(assistant: Any, todo: Sequence[Item], journal: Any, args: argparse
 
     def write(batch: Sequence[Any], texts: list[str]) -> None:
         nonlocal done
-        journal.append([item.record(text) for item, text in zip(todo[done:done + len(batch)], texts)])
+        journal.append([item.record(text, model_id) for item, text in zip(todo[done:done + len(batch)], texts)])
         done += len(batch)
         bar.update(len(batch))
 

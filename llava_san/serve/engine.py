@@ -6,10 +6,10 @@ the event loop stays free for other requests (``GET /v1/models``, new requests q
 sent). A client that goes away stops its generation at the next token (or before it starts).
 
 The prompt is :meth:`Assistant.encode <llava_san.inference.Assistant.encode>`'s and the answer is
-decoded by :func:`llava_san.generation.stream_tokens` with the text pieces cut as
-:meth:`Assistant.stream <llava_san.inference.Assistant.stream>` cuts them, so the text equals
-``Assistant.answer`` token for token; the server needs the token counts as well (``usage``,
-``finish_reason``), which ``Assistant.stream`` does not report.
+decoded by :func:`llava_san.generation.stream_tokens` and cut into text pieces by
+:func:`llava_san.inference.assistant.text_pieces`, as :meth:`Assistant.stream
+<llava_san.inference.Assistant.stream>` does, so the text equals ``Assistant.answer`` token for token;
+the server counts the tokens as well (``usage``, ``finish_reason``).
 """
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ class Engine:
                   cancelled: threading.Event, emit: Callable[[str, Any], None]) -> Result:
         """Encode, check the length, decode greedily; ``emit("start", prompt_tokens)`` then
         ``emit("text", piece)`` for each piece of the answer."""
-        from ..generation import decode, stream_tokens
-        from ..inference.assistant import PromptTooLong
+        from ..generation import stream_tokens
+        from ..inference.assistant import PromptTooLong, text_pieces
 
         if cancelled.is_set():
             raise _Cancelled()
@@ -105,22 +105,20 @@ class Engine:
         emit("start", n_prompt)
         tok = assistant.tokenizer
         ids: list[int] = []
-        sent = ""
-        for token in stream_tokens(assistant.model, prompt, pad_token_id=tok.pad_token_id,
-                                   eos_token_id=tok.eos_token_id):
-            ids.append(token)
-            if cancelled.is_set():
-                break
-            text = decode(tok, ids)
-            # as Assistant.stream: hold back a piece that may still change (an unfinished UTF-8 character)
-            if text.startswith(sent) and not text.endswith("\ufffd") and len(text) > len(sent):
-                emit("text", text[len(sent):])
-                sent = text
-        final = decode(tok, ids)
-        if final != sent:
-            if not final.startswith(sent):  # stripping can only change the end while streaming
-                raise RuntimeError("streamed text diverged from the decoded answer")
-            emit("text", final[len(sent):])
+
+        def tokens():  # the decoded ids, counted; a client that went away stops the loop
+            for token in stream_tokens(assistant.model, prompt, pad_token_id=tok.pad_token_id,
+                                       eos_token_id=tok.eos_token_id):
+                ids.append(token)
+                yield token
+                if cancelled.is_set():
+                    return
+
+        pieces = []
+        for piece in text_pieces(tok, tokens()):
+            pieces.append(piece)
+            emit("text", piece)
+        final = "".join(pieces)
         return Result(final, n_prompt, len(ids), "length" if len(ids) >= limit else "stop")
 
     # ------------------------------------------------------------------ on the event loop

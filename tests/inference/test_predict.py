@@ -67,8 +67,8 @@ def folder_answers(trained_run, assistant, folder, tmp_path_factory):
 def test_folder_input(assistant, folder, folder_answers):
     images, names, _ = folder
     expected = _reference(assistant, [(QUESTION, images / n) for n in names])
-    assert _lines(folder_answers) == [{"image": os.path.join(str(images), n), "question": QUESTION, "text": t}
-                                      for n, t in zip(names, expected)]
+    assert _lines(folder_answers) == [{"image": os.path.join(str(images), n), "question": QUESTION, "text": t,
+                                       "model_id": "run"} for n, t in zip(names, expected)]
     assert len(set(expected)) > 1
 
 
@@ -88,9 +88,9 @@ def test_jsonl_input(trained_run, assistant, folder, tmp_path, capsys):
     paths = [images / names[0], images / names[1], images / names[2], images / names[0]]
     expected = _reference(assistant, list(zip(questions, paths)))
     got = _lines(out)
-    assert got == [{**({"id": x["id"]} if "id" in x else {}), "image": x["image"], "question": q, "text": t}
-                   for x, q, t in zip(inputs, questions, expected)]
-    assert list(got[0]) == ["id", "image", "question", "text"]
+    assert got == [{**({"id": x["id"]} if "id" in x else {}), "image": x["image"], "question": q, "text": t,
+                    "model_id": "run"} for x, q, t in zip(inputs, questions, expected)]
+    assert list(got[0]) == ["id", "image", "question", "text", "model_id"]
     assert "4 answers written, 0 already there (4 inputs" in capsys.readouterr().err
 
 
@@ -107,6 +107,20 @@ def test_resume_after_a_crash(trained_run, folder, folder_answers, tmp_path, cap
     assert "4 answers written, 1 already there (5 inputs" in capsys.readouterr().err
     assert _run(*argv) == 0 and out.read_bytes() == complete
     assert "0 answers written, 5 already there" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_models_answers(trained_run, folder, folder_answers, tmp_path, capsys):
+    """The same inputs answered by the run's merged/ folder (model id "merged") do not continue
+    the run's file: the file is left as it was."""
+    images, _, _ = folder
+    out = tmp_path / "answers.jsonl"
+    partial = folder_answers.read_bytes().split(b"\n")[0] + b"\n"
+    out.write_bytes(partial)
+    assert _run(trained_run / "merged", "--images", images, "--question", QUESTION, "--output", out,
+                "--max-new-tokens", MAX_NEW) == 2
+    err = capsys.readouterr().err
+    assert f"{out}:1: this answer is by model 'run', not 'merged'" in err
+    assert out.read_bytes() == partial
 
 
 def test_bad_input_stops_before_generation(trained_run, folder, folder_answers, tmp_path, capsys):
