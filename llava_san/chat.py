@@ -39,21 +39,15 @@ class _BadInput(ValueError):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .conversation import TEMPLATES
+    from .inference.cli_args import add_model_arguments
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a training run folder, its merged/ folder or a llava-hf checkpoint folder")
+    add_model_arguments(p)
     p.add_argument("--image", help="an image for the (first) conversation")
     p.add_argument("--question", help="ask this one question, print the answer and exit")
     p.add_argument("--max-new-tokens", type=int, default=512,
                    help="answer length limit in tokens (default 512)")
-    p.add_argument("--device", default="auto",
-                   help="cuda, cuda:1, cpu... (default auto: a GPU when there is one)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="weights dtype (default auto: float16 on a GPU, the model's own on CPU)")
-    p.add_argument("--template", choices=sorted(TEMPLATES),
-                   help="conversation template (default: the one the model was trained with)")
     return p
 
 

@@ -251,11 +251,11 @@ def _generate(assistant: Any, todo: Sequence[Item], journal: Any, args: argparse
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .conversation import TEMPLATES
+    from .inference.cli_args import add_model_arguments
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a training run folder, its merged/ folder or a llava-hf checkpoint folder")
+    add_model_arguments(p)
     p.add_argument("--images", required=True, help="a folder of images, a JSONL file of inputs, or one image")
     p.add_argument("--question", help="the question (for a folder; the default of JSONL lines without one)")
     p.add_argument("--output", required=True, help="the answers JSONL (appended to when it exists: resume)")
@@ -263,12 +263,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="answer length limit in tokens (default 128)")
     p.add_argument("--num-workers", type=int, default=2, help="threads preparing images ahead (default 2)")
-    p.add_argument("--device", default="auto",
-                   help="cuda, cuda:1, cpu... (default auto: a GPU when there is one)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="weights dtype (default auto: float16 on a GPU, the model's own on CPU)")
-    p.add_argument("--template", choices=sorted(TEMPLATES),
-                   help="conversation template (default: the one the model was trained with)")
     return p
 
 

@@ -29,19 +29,16 @@ EXTRA_HINT = "pip install -e '.[serve]'"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..inference.cli_args import add_model_arguments
+
     parser = argparse.ArgumentParser(prog="python -m llava_san.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model",
-                        help="a training run folder, a merged/exported folder or a llava-hf checkpoint")
+    add_model_arguments(parser, template=False)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     parser.add_argument("--model-id", help="the model name clients use (default: the folder name)")
     parser.add_argument("--max-new-tokens-limit", type=int, default=1024,
                         help="the most new tokens one request may ask for (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:1... (default: a GPU if there is one)")
-    parser.add_argument("--dtype", default="auto",
-                        help="float32, bfloat16, float16 (default: float16 on a GPU, the model's own on CPU)")
     return parser
 
 

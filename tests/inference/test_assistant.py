@@ -23,11 +23,6 @@ MAX_NEW = 8
 
 
 @pytest.fixture(scope="module")
-def assistant(trained_run):
-    return Assistant.load(trained_run, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def questions():
     """easy-vqa questions with their images, and the images cut to non-square shapes (padding matters)."""
     qs = resolve_benchmark("easyvqa", overrides={"cache_dir": str(CACHE)}, limit=3).questions

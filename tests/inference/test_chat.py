@@ -11,16 +11,11 @@ import pytest
 from evaluation.resolve import resolve_benchmark
 from llava_san.chat import main
 from llava_san.data.images import load_image
-from llava_san.inference import Assistant, Turn
+from llava_san.inference import Turn
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "easyvqa"
 MAX_NEW = 8
-
-
-@pytest.fixture(scope="module")
-def assistant(trained_run):
-    return Assistant.load(trained_run, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,12 @@ import pytest
 
 from evaluation.resolve import resolve_benchmark
 from llava_san.data.images import load_image
-from llava_san.inference import Assistant
 from llava_san.predict import main
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "easyvqa"
 MAX_NEW = 6
 QUESTION = "What shape is in the image?"
-
-
-@pytest.fixture(scope="module")
-def assistant(trained_run):
-    return Assistant.load(trained_run, device="cpu")
 
 
 @pytest.fixture(scope="module")
