@@ -306,6 +306,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
     # one training had
     whole = list(lora_config.modules_to_save or [])
     lora_config.modules_to_save = None
+    lora_config.inference_mode = not is_trainable  # saved as True (peft's convention): peft would freeze LoRA
     if manifest["san"]:
         try:
             san_config = SanConfig.from_dict(_read_json(directory / SAN_CONFIG))

@@ -188,7 +188,9 @@ def test_a_stock_peft_adapter_folder_continues_training(lora_run):
     model = load_adapter(copy.deepcopy(base), lora_run / "adapter", is_trainable=True)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or "multi_modal_projector" in n for n in trained)
-    assert any("multi_modal_projector" in n for n in trained)
+    assert any("multi_modal_projector" in n for n in trained) and any("lora_B" in n for n in trained)
+    # every adapter tensor trains again, as in the run that saved it
+    assert {n for n, _ in model.named_parameters() if "lora_" in n} <= trained
 
 
 def _adapted(base):
