@@ -30,11 +30,14 @@ TYPE_KEY = re.compile(r"^test/easyvqa_(?P<t>colour|shape|yes_no)_accuracy$")
 
 
 def load_runs(results_dir: str | Path) -> dict[str, dict[str, dict[int, dict]]]:
-    """``{regime: {arm: {seed: result record}}}`` of the comparison runs (grid runs left out)."""
+    """``{regime: {arm: {seed: result record}}}`` of the comparison runs (grid runs left out).
+
+    Only ``runs/<regime>/`` counts: an earlier protocol's runs kept beside it under another folder name
+    (``runs/scratch_3500steps/``) are history, not results of the current protocol."""
     out: dict[str, dict[str, dict[int, dict]]] = {}
     for path in sorted(Path(results_dir, "runs").glob("*/*/seed*.json")):
         record = json.loads(path.read_text())
-        if record.get("grid"):
+        if record.get("grid") or path.parent.parent.name != record["regime"]:
             continue
         out.setdefault(record["regime"], {}).setdefault(record["arm"], {})[int(record["seed"])] = record
     return out

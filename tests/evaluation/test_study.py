@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from evaluation.study.gamma import gamma_similarity
+from evaluation.study.report import load_runs
 from evaluation.study.runner import choose_lr
 from evaluation.study.spec import CONF_STUDY, load_study, parse_study
 from evaluation.study.stats import mean_std, paired_bootstrap_ci
@@ -87,6 +88,22 @@ def test_study_notebook_runs_on_the_smoke_results(smoke, tmp_path, monkeypatch):
 def test_report_without_runs_names_the_command(tmp_path):
     proc = _study_cli("report", "--study", "smoke", "--results-dir", str(tmp_path))
     assert proc.returncode != 0 and "python -m evaluation.study run --study smoke" in proc.stderr
+
+
+def test_an_earlier_protocols_runs_are_not_read(tmp_path):
+    """runs/scratch_3500steps/ keeps the first protocol's records (regime "scratch") beside the rerun in
+    runs/scratch/: only the latter are the regime's results."""
+    def record(folder, arm, seed, acc):
+        path = tmp_path / "runs" / folder / arm / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"regime": "scratch", "arm": arm, "seed": seed, "metrics": {"acc": acc}}))
+
+    record("scratch_3500steps", "lora", 0, 0.1)
+    record("scratch_3500steps", "lora", 1, 0.2)
+    record("scratch", "lora", 0, 0.9)
+    runs = load_runs(tmp_path)
+    assert list(runs) == ["scratch"] and list(runs["scratch"]["lora"]) == [0]
+    assert runs["scratch"]["lora"][0]["metrics"]["acc"] == 0.9
 
 
 def test_mean_std_and_bootstrap():
