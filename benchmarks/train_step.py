@@ -18,11 +18,13 @@ logged every ``log_gamma_every_n_steps`` steps as in a real run (``--log-gamma-e
   of the medians (``speed``, ``cpu_speed``), and ``speed_paired`` / ``cpu_speed_paired``, the median
   over repeats of the two arms' ratio within a repeat (steps run back to back, so the machine's load
   drifts cancel; the steadier figure on a shared machine).
-* **memory**: per arm in a fresh subprocess (``--child``): ``ru_maxrss`` growth over the resident
+* **memory**: per arm in a fresh process (a fork of a server that only imported the libraries,
+  :mod:`_fresh`): ``ru_maxrss`` growth over the resident
   model while training ``--mem-steps`` steps (activations, gradients, optimizer state) and the peak
   ``ru_maxrss``; ratios ``arm/base`` (> 1 = more memory).
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/train_step.py [--models tiny 100m] [--repeats 15]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/train_step.py [--models tiny 100m] [--repeats 15] [--batch N]
+    python benchmarks/train_step.py --smoke       # seconds: tiny model, batch 2, 2 repeats (the smoke test)
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -42,6 +43,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _fresh import run_fresh  # noqa: E402
 
 ARMS = ("none", "lora", "dora", "san_lora", "san_dora")
 RATIOS = (("san_lora", "lora"), ("san_dora", "dora"), ("dora", "lora"), ("none", "lora"))
@@ -55,25 +59,35 @@ MODELS = {
 }
 
 
+def recipe(model: str, arm: str):
+    """The adapter recipe of an arm, as ``conf/peft/<arm>.yaml`` builds it (``none``: None, the module's
+    :class:`~llava_san.peft.recipes.NoAdapter`), at the model's rank, alpha = 2r, no dropout, on the seven
+    projections of the language tower."""
+    if arm == "none":
+        return None
+    from peft import LoraConfig
+
+    from llava_san.peft import LLAMA_MODULE_TYPES, LoraRecipe, SanConfig
+
+    r = MODELS[model]["rank"]
+    lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, bias="none", use_dora=arm.endswith("dora"),
+                      target_modules=list(LLAMA_MODULE_TYPES))
+    return LoraRecipe(lora, SanConfig() if arm.startswith("san_") else None)
+
+
 def build_module(model: str, arm: str, log_gamma_every: Optional[int] = None):
     """A configured ``LlavaSanModule`` (model built, adapters applied) with a barebones trainer attached.
 
     ``log_gamma_every``: the module's ``log_gamma_every_n_steps`` (None: its default)."""
     import lightning as L
-    from peft import LoraConfig
 
     from llava_san.models import build_tiny
     from llava_san.module import LlavaSanModule
-    from llava_san.peft import SanConfig
     from llava_san.training import OptimConfig
 
     m = MODELS[model]
-    lora = None if arm == "none" else LoraConfig(
-        r=m["rank"], lora_alpha=2 * m["rank"], lora_dropout=0.0, use_dora=arm.endswith("dora"),
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     extra = {} if log_gamma_every is None else {"log_gamma_every_n_steps": log_gamma_every}
-    module = LlavaSanModule(lambda: build_tiny(seed=0, **m["spec"]), lora_config=lora,
-                            san_config=SanConfig() if arm.startswith("san_") else None,
+    module = LlavaSanModule(lambda: build_tiny(seed=0, **m["spec"]), adapter=recipe(model, arm),
                             optim=OptimConfig(lr=1e-4, projector_lr=2e-5), train_projector=True, **extra)
     module.configure_model()
     # barebones: self.log() is a no-op, the step code is the training code
@@ -125,8 +139,10 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def child_memory(model: str, arm: str, steps: int, log_gamma_every: Optional[int] = None) -> dict:
-    """In a fresh process: peak RSS growth (MB) over the built model during ``steps`` training steps.
+def child_memory(model: str, arm: str, steps: int, log_gamma_every: Optional[int], threads: int,
+                 batch_size: int) -> dict:
+    """In a fresh process (:func:`_fresh.run_fresh`): peak RSS growth (MB) over the built model during
+    ``steps`` training steps.
 
     The high-water mark is reset after the build (build and import transients do not count), so
     ``ru_maxrss - resident`` is what training adds: activations, gradients, optimizer state.
@@ -135,6 +151,9 @@ def child_memory(model: str, arm: str, steps: int, log_gamma_every: Optional[int
 
     import psutil
 
+    torch.set_num_threads(threads)
+    MODELS[model]["batch"] = batch_size
+    _quiet()
     module, opt = build_module(model, arm, log_gamma_every)
     batch = make_batch(module, model, 0)
     gc.collect()
@@ -146,8 +165,16 @@ def child_memory(model: str, arm: str, steps: int, log_gamma_every: Optional[int
     return {"train_rss_growth_mb": peak - resident, "peak_rss_mb": peak, "hwm_reset": reset}
 
 
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
 def bench_model(model: str, args) -> dict:
-    """Interleaved step timing of every arm of ``model``, then one memory subprocess per arm."""
+    """Interleaved step timing of every arm of ``model``, then one fresh memory process per arm."""
     modules = {arm: build_module(model, arm, args.log_gamma_every) for arm in args.arms}
     first = modules[args.arms[0]][0]
     n_params = sum(p.numel() for p in first.model.parameters() if not p.requires_grad) + sum(
@@ -171,11 +198,8 @@ def bench_model(model: str, args) -> dict:
         w, c = statistics.median(wall[arm]), statistics.median(cpu[arm])
         arms[arm] = {"step_ms": 1e3 * w, "step_cpu_ms": 1e3 * c, "samples_per_s": b / w,
                      "samples_per_cpu_s": b / c, "trainable_params": trainable[arm]}
-        log_every = [] if args.log_gamma_every is None else ["--log-gamma-every", str(args.log_gamma_every)]
-        out = subprocess.run([sys.executable, __file__, "--child", model, arm, "--mem-steps",
-                              str(args.mem_steps), "--threads", str(args.threads), *log_every],
-                             capture_output=True, text=True, check=True)
-        arms[arm].update(json.loads(out.stdout.strip().splitlines()[-1]))
+        arms[arm].update(run_fresh(child_memory, model, arm, args.mem_steps, args.log_gamma_every, args.threads,
+                                   MODELS[model]["batch"]))
     ratios = {}
     for a, base in RATIOS:
         if a in arms and base in arms:
@@ -204,19 +228,21 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--log-gamma-every", type=int, default=None,
                    help="log_gamma_every_n_steps of the module (default: its own, 50; 1 = every step)")
-    p.add_argument("--child", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: the model's own)")
+    p.add_argument("--smoke", action="store_true",
+                   help="smallest settings, for the test: tiny model, batch 2, 1 warm-up, 2 repeats, 1 memory step")
     args = p.parse_args()
+    if args.smoke:
+        args.models, args.batch, args.warmup, args.repeats, args.mem_steps = ["tiny"], 2, 1, 2, 1
+    if args.batch is not None:
+        if args.batch < 1:
+            p.error("--batch must be >= 1")
+        for m in MODELS.values():
+            m["batch"] = args.batch
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    if args.child:
-        print(json.dumps(child_memory(args.child[0], args.child[1], args.mem_steps, args.log_gamma_every)))
-        return
+    _quiet()
     t0 = time.perf_counter()
-    result = {"config": {k: v for k, v in vars(args).items() if k != "child"},
+    result = {"config": vars(args),
               "env": {"torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                       "cpus": os.cpu_count()},
               "models": {}}

@@ -1,0 +1,27 @@
+"""Run a function in a fresh process, cheaply: for the per-arm peak-memory measurements of the benchmarks.
+
+A memory figure taken in the process that built and stepped the other arms would carry their leftovers
+(allocator caches, the high-water mark), so each arm is measured in a process of its own. Starting a
+Python process and importing torch + transformers + Lightning costs seconds each time; here one
+``forkserver`` process imports them once and every measurement is a fork of it — a new process whose
+memory holds the imported modules and nothing else (no model, no tensor, no OpenMP pool: the server never
+computes). The function must be importable (module level in the calling script is fine).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Any, Callable
+
+#: modules the fork server imports once (what every benchmark child needs)
+PRELOAD = ["torch", "transformers", "peft", "lightning", "psutil", "llava_san.module", "llava_san.models"]
+_ctx = None
+
+
+def run_fresh(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a new process forked from the (lazily started) fork server; its return value."""
+    global _ctx
+    if _ctx is None:
+        _ctx = mp.get_context("forkserver")
+        _ctx.set_forkserver_preload(PRELOAD)
+    with _ctx.Pool(1, maxtasksperchild=1) as pool:
+        return pool.apply(fn, args)
