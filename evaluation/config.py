@@ -52,6 +52,7 @@ class EvalConfig:
     tokenization: str
     image_aspect_ratio: str
     max_new_tokens: Optional[int]
+    num_beams: Optional[int]
     batch_size: int
     num_workers: int
     # sharding
@@ -63,7 +64,7 @@ class EvalConfig:
     score: bool
     output_dir: str
     run_name: Optional[str]
-    title: str
+    title: Optional[str]
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig | Mapping[str, Any]) -> "EvalConfig":

@@ -1,17 +1,26 @@
 """The comparison table: the paper's reference rows beside our runs.
 
-Rows are methods, columns the seven LLaVA-1.5 benchmarks in the paper's order (VQAv2, GQA, VizWiz,
-SQA-IMG, TextVQA, POPE, MMBench), then ``avg``, then any other benchmark a run has (easy-vqa). A
-cell is the benchmark's headline metric as a percentage (``100 *`` the fraction ``score`` returns):
-VQA accuracy, GQA accuracy, ScienceQA IMG accuracy, POPE mean F1 over the three splits, MMBench
-circular accuracy. ``avg`` is the mean of the seven, only when all seven are present (a partial mean
-is not comparable with the paper's).
+A report belongs to one *suite* (:data:`SUITES`), the paper table its runs compare with, chosen from
+the runs' benchmarks (:attr:`Task.suite`):
+
+* ``llava``: rows are methods, columns the seven LLaVA-1.5 benchmarks in the paper's order (VQAv2,
+  GQA, VizWiz, SQA-IMG, TextVQA, POPE, MMBench), then ``avg``, then any other benchmark a run has
+  (easy-vqa). A cell is the benchmark's headline metric as a percentage (``100 *`` the fraction
+  ``score`` returns): VQA accuracy, GQA accuracy, ScienceQA IMG accuracy, POPE mean F1 over the
+  three splits, MMBench circular accuracy.
+* ``commonsense``: the eight LLM-Adapters benchmarks (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande,
+  ARC-e, ARC-c, OBQA), accuracy in %, when every benchmark of the runs is a commonsense one.
+
+``avg`` is the mean of the suite's columns, only when all are present (a partial mean is not
+comparable with the paper's).
 
 A report is a plain JSON-able dict::
 
-    {"schema": "llava-san/report/v1", "title": str, "columns": [benchmark names...],
-     "titles": {name: column title}, "rows": [{"name", "source", "values": {name: pct|None},
-     "avg": pct|None, "notes": str, "metrics": {name: score dict}}]}
+    {"schema": "llava-san/report/v1", "suite": "llava"|"commonsense", "title": str,
+     "columns": [benchmark names...], "titles": {name: column title}, "rows": [{"name", "source",
+     "values": {name: pct|None}, "avg": pct|None, "notes": str, "metrics": {name: score dict}}]}
+
+(a report without ``suite`` is a ``llava`` one).
 
 :func:`write_report` stores it as ``report.json`` + ``report.md`` (atomically).
 """
@@ -21,13 +30,18 @@ from __future__ import annotations
 import copy
 import glob
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from evaluation.files import read_json, write_json, write_text
-from evaluation.tasks import BENCHMARKS, PAPER_BENCHMARKS, get_benchmark
+from evaluation.tasks import BENCHMARKS, COMMONSENSE_BENCHMARKS, PAPER_BENCHMARKS, get_benchmark
 
 __all__ = [
+    "COMMONSENSE_REFERENCE_ROWS",
+    "COMMONSENSE_SOURCE",
+    "SUITES",
+    "Suite",
     "REFERENCE_ROWS",
     "REFERENCE_SOURCE",
     "SCHEMA",
@@ -38,6 +52,7 @@ __all__ = [
     "reference_rows",
     "render_markdown",
     "run_row",
+    "suite_of",
     "write_report",
 ]
 
@@ -61,11 +76,60 @@ REFERENCE_ROWS: tuple[dict[str, Any], ...] = tuple(
 )
 
 
-def reference_rows() -> list[dict[str, Any]]:
-    """Fresh copies of the paper's rows, with ``source``, ``notes`` and empty ``metrics``."""
-    return [
-        {**copy.deepcopy(r), "source": REFERENCE_SOURCE, "notes": "", "metrics": {}} for r in REFERENCE_ROWS
-    ]
+#: Commonsense reference rows, as printed in ``NVlabs/DoRA`` ``commonsense_reasoning/README.md`` (rank
+#: 32; the DoRA code is the one LLM-Adapters-style evaluation the SAN paper's LLaMA table follows).
+#: The SAN paper's own Table 2 rows could not be read from a stored copy of the paper, so they are not
+#: transcribed here (no number is written from memory); add them beside these when checked.
+COMMONSENSE_SOURCE = "NVlabs/DoRA commonsense_reasoning/README.md (r=32; SAN Table 2 rows not transcribed)"
+COMMONSENSE_REFERENCE_ROWS: tuple[dict[str, Any], ...] = tuple(
+    {"name": name, "values": dict(zip(COMMONSENSE_BENCHMARKS, values)), "avg": avg}
+    for name, values, avg in (
+        ("LLaMA-7B LoRA r32", (67.5, 80.8, 78.2, 83.4, 80.4, 78.0, 62.6, 79.1), 76.3),
+        ("LLaMA-7B DoRA r32", (69.7, 83.4, 78.6, 87.2, 81.0, 81.9, 66.2, 79.2), 78.4),
+        ("LLaMA2-7B LoRA r32", (69.8, 79.9, 79.5, 83.6, 82.6, 79.8, 64.7, 81.0), 77.6),
+        ("LLaMA2-7B DoRA r32", (71.8, 83.7, 76.0, 89.1, 82.6, 83.7, 68.2, 82.4), 79.7),
+        ("LLaMA3-8B LoRA r32", (70.8, 85.2, 79.9, 91.7, 84.3, 84.2, 71.2, 79.0), 80.8),
+        ("LLaMA3-8B DoRA r32", (74.6, 89.3, 79.9, 95.5, 85.6, 90.5, 80.4, 85.8), 85.2),
+    )
+)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A paper table: its benchmark columns (in order), reference rows and their source, the
+    report's default title, the row label of reference rows and the note under the table."""
+
+    columns: tuple[str, ...]
+    rows: tuple[dict[str, Any], ...]
+    source: str
+    title: str
+    label: str
+    cells: str
+
+
+SUITES: dict[str, Suite] = {
+    "llava": Suite(PAPER_BENCHMARKS, REFERENCE_ROWS, REFERENCE_SOURCE, "LLaVA-1.5-7B: paper vs. ours", "paper",
+                   "Cells are headline metrics in %: VQA accuracy (VQAv2, VizWiz, TextVQA), GQA accuracy, "
+                   "ScienceQA IMG accuracy, POPE mean F1 of the three splits, MMBench circular accuracy; "
+                   "avg = mean of the seven (only when all are present)."),
+    "commonsense": Suite(COMMONSENSE_BENCHMARKS, COMMONSENSE_REFERENCE_ROWS, COMMONSENSE_SOURCE,
+                         "LLaMA commonsense reasoning: reference vs. ours", "DoRA repo",
+                         "Cells are accuracy in % (LLM-Adapters' commonsense_evaluate.py: Alpaca prompt, "
+                         "4 beams, first regex match); avg = mean of the eight (only when all are present)."),
+}
+
+
+def suite_of(benchmarks: Iterable[str]) -> str:
+    """``"commonsense"`` when every benchmark given is a commonsense one, else ``"llava"``."""
+    names = list(benchmarks)
+    kinds = {get_benchmark(b).suite for b in names}
+    return "commonsense" if names and kinds == {"commonsense"} else "llava"
+
+
+def reference_rows(suite: str = "llava") -> list[dict[str, Any]]:
+    """Fresh copies of the suite's reference rows, with ``source``, ``notes`` and empty ``metrics``."""
+    ref = SUITES[suite]
+    return [{**copy.deepcopy(r), "source": ref.source, "notes": "", "metrics": {}} for r in ref.rows]
 
 
 def headline_value(benchmark: str, metrics: Mapping[str, Any] | None) -> float | None:
@@ -80,7 +144,7 @@ def headline_value(benchmark: str, metrics: Mapping[str, Any] | None) -> float |
 
 
 def _avg(values: Mapping[str, float | None]) -> float | None:
-    vals = [values.get(b) for b in PAPER_BENCHMARKS]
+    vals = [values.get(b) for b in SUITES[suite_of(values)].columns]
     if any(v is None for v in vals):
         return None
     return sum(vals) / len(vals)
@@ -103,30 +167,34 @@ def run_row(
     }
 
 
-def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+def _columns(rows: Iterable[Mapping[str, Any]], suite: str) -> list[str]:
     present = {b for r in rows for b in r.get("values", {})}
-    extras = [b for b in BENCHMARKS if b in present and b not in PAPER_BENCHMARKS]
-    return list(PAPER_BENCHMARKS) + extras
+    columns = SUITES[suite].columns
+    extras = [b for b in BENCHMARKS if b in present and b not in columns]
+    return list(columns) + extras
 
 
 def build_report(
     runs: Mapping[str, Mapping[str, Mapping[str, Any]]] | Sequence[Mapping[str, Any]],
     *,
     reference: bool = True,
-    title: str = "LLaVA-1.5-7B: paper vs. ours",
+    title: str | None = None,
 ) -> dict[str, Any]:
-    """The report dict: the paper's rows (unless ``reference=False``) then ours.
+    """The report dict: the suite's reference rows (unless ``reference=False``) then ours.
 
-    ``runs`` is ``{run name: {benchmark: score result}}`` or a list of rows from :func:`run_row`.
+    ``runs`` is ``{run name: {benchmark: score result}}`` or a list of rows from :func:`run_row`. The
+    suite (:func:`suite_of`) is the runs' benchmarks'; ``title`` defaults to the suite's.
     """
     if isinstance(runs, Mapping):
         ours = [run_row(name, results) for name, results in runs.items()]
     else:
         ours = [dict(r) for r in runs]
-    rows = (reference_rows() if reference else []) + ours
-    columns = _columns(rows)
+    suite = suite_of(b for r in ours for b in r.get("values", {}))
+    rows = (reference_rows(suite) if reference else []) + ours
+    columns = _columns(rows, suite)
     titles = {b: get_benchmark(b).title for b in columns}
-    return {"schema": SCHEMA, "title": title, "columns": columns, "titles": titles, "rows": rows}
+    return {"schema": SCHEMA, "suite": suite, "title": title or SUITES[suite].title, "columns": columns,
+            "titles": titles, "rows": rows}
 
 
 def _fmt(v: float | None, digits: int) -> str:
@@ -136,8 +204,9 @@ def _fmt(v: float | None, digits: int) -> str:
 def render_markdown(report: Mapping[str, Any], *, digits: int = 1) -> str:
     """The report as a markdown table (percentages with ``digits`` decimals, ``–`` when absent)."""
     cols = list(report["columns"])
-    paper = [c for c in cols if c in PAPER_BENCHMARKS]
-    extra = [c for c in cols if c not in PAPER_BENCHMARKS]
+    suite = SUITES[report.get("suite", "llava")]
+    paper = [c for c in cols if c in suite.columns]
+    extra = [c for c in cols if c not in suite.columns]
     head = ["method", *(report["titles"][c] for c in paper), "avg", *(report["titles"][c] for c in extra)]
     lines = [
         f"# {report.get('title', 'Results')}",
@@ -146,7 +215,7 @@ def render_markdown(report: Mapping[str, Any], *, digits: int = 1) -> str:
         "|" + "---|" * len(head),
     ]
     for r in report["rows"]:
-        name = r["name"] if r.get("source", "run") == "run" else f"{r['name']} (paper)"
+        name = r["name"] if r.get("source", "run") == "run" else f"{r['name']} ({suite.label})"
         cells = [
             name,
             *(_fmt(r["values"].get(c), digits) for c in paper),
@@ -156,9 +225,7 @@ def render_markdown(report: Mapping[str, Any], *, digits: int = 1) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Reference rows: {REFERENCE_SOURCE}. Cells are headline metrics in %: VQA accuracy (VQAv2, "
-        "VizWiz, TextVQA), GQA accuracy, ScienceQA IMG accuracy, POPE mean F1 of the three splits, "
-        "MMBench circular accuracy; avg = mean of the seven (only when all are present).",
+        f"Reference rows: {suite.source}. {suite.cells}",
     ]
     notes = [f"- {r['name']}: {r['notes']}" for r in report["rows"] if r.get("notes")]
     if notes:
@@ -230,8 +297,9 @@ def plot_report(report: Mapping[str, Any], *, columns: Sequence[str] | None = No
     Returns the matplotlib ``Figure`` (matplotlib is imported here, not at module import)."""
     import matplotlib.pyplot as plt
 
-    paper = [c for c in report["columns"] if c in PAPER_BENCHMARKS]
-    cols = list(columns or [*paper, "avg", *(c for c in report["columns"] if c not in PAPER_BENCHMARKS)])
+    suite = SUITES[report.get("suite", "llava")]
+    paper = [c for c in report["columns"] if c in suite.columns]
+    cols = list(columns or [*paper, "avg", *(c for c in report["columns"] if c not in suite.columns)])
     rows = report["rows"]
     nrows = -(-len(cols) // ncols)
     fig, axes = plt.subplots(
@@ -240,7 +308,7 @@ def plot_report(report: Mapping[str, Any], *, columns: Sequence[str] | None = No
         figsize=(4 * min(ncols, len(cols)), 0.35 * len(rows) * nrows + 1.5),
         squeeze=False,
     )
-    names = [r["name"] if r.get("source", "run") == "run" else f"{r['name']} (paper)" for r in rows]
+    names = [r["name"] if r.get("source", "run") == "run" else f"{r['name']} ({suite.label})" for r in rows]
     colors = ["tab:blue" if r.get("source", "run") == "run" else "lightgray" for r in rows]
     for ax, col in zip(axes.flat, cols):
         vals = [(r.get("avg") if col == "avg" else r["values"].get(col)) for r in rows]

@@ -93,10 +93,13 @@ def generate(plan: Plan, config: EvalConfig, loaded: Optional[LoadedModel] = Non
                               model_id=model_id)
     stats: dict[str, Any] = {}
     for item in plan.work:
+        task = plan.benchmarks[item.benchmark].task
         s = generate_answers(lm.model, lm.processor, item.questions, item.answers_file, model_id=model_id,
                              batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                              template=config.template, tokenization=config.tokenization,
-                             image_aspect_ratio=config.image_aspect_ratio, num_workers=config.num_workers)
+                             image_aspect_ratio=config.image_aspect_ratio, num_workers=config.num_workers,
+                             prompt_format=task.prompt_format, num_beams=config.num_beams or task.num_beams,
+                             postprocess=task.postprocess)
         stats[str(item.answers_file.relative_to(plan.output_dir))] = s
         log.info("%s: %d answers in %s (%d resumed)", item.benchmark, s["questions"], item.answers_file,
                  s["resumed"])
@@ -133,5 +136,5 @@ def report(plan: Plan, config: EvalConfig, results: dict[str, Any], loaded: Opti
     name = config.run_name or (loaded.model_id if loaded else None) or config.model_id or default_model_id(
         config.path, adapter=config.adapter, use_merged=config.use_merged, model_cfg=config.model)
     row = run_row(name, results, notes="; ".join(notes))
-    paths = write_report(build_report([row], title=config.title), plan.output_dir)
+    paths = write_report(build_report([row], title=config.title), plan.output_dir)  # title None: the suite's
     log.info("report: %s", paths["markdown"])

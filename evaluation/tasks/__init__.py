@@ -17,6 +17,10 @@ ScienceQA  letter / "X. " / single "The answer is X." match; IMG subset by the p
 POPE       first-sentence No/not/no rule; P = R = F1 = 0 on a zero denominator; mean split F1.
 MMBench    2023 ``can_infer`` + circular; the ChatGPT fallback is replaced by "unparsed = wrong".
 =========  ===============================================================================
+
+The eight commonsense benchmarks (BoolQ ... OBQA, :mod:`evaluation.tasks.commonsense`) follow
+LLM-Adapters' ``commonsense_evaluate.py``: Alpaca prompt as raw text, 4-beam search, 32 new tokens,
+the first regex match of the answer family (``true|false``, ``solution1|2``...) against ``answer``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from evaluation.tasks.base import EvalQuestion
 from evaluation.tasks.task import Task
 
-__all__ = ["BENCHMARKS", "PAPER_BENCHMARKS", "EvalQuestion", "Task", "get_benchmark", "llava_paths"]
+__all__ = ["BENCHMARKS", "COMMONSENSE_BENCHMARKS", "PAPER_BENCHMARKS", "EvalQuestion", "Task", "get_benchmark", "llava_paths"]
 
 #: name -> module path. The seven LLaVA-1.5 benchmarks in the paper's column order, then easy-vqa.
 BENCHMARKS: dict[str, str] = {
@@ -40,10 +44,24 @@ BENCHMARKS: dict[str, str] = {
     "pope": "evaluation.tasks.pope",
     "mmbench": "evaluation.tasks.mmbench",
     "easyvqa": "evaluation.tasks.easyvqa",
+    # LLM-Adapters' commonsense benchmarks (LLaMA causal LMs), in the paper's column order
+    "boolq": "evaluation.tasks.boolq",
+    "piqa": "evaluation.tasks.piqa",
+    "social_i_qa": "evaluation.tasks.social_i_qa",
+    "hellaswag": "evaluation.tasks.hellaswag",
+    "winogrande": "evaluation.tasks.winogrande",
+    "arc_easy": "evaluation.tasks.arc_easy",
+    "arc_challenge": "evaluation.tasks.arc_challenge",
+    "openbookqa": "evaluation.tasks.openbookqa",
 }
 
 #: The seven benchmarks of the paper's tables, in column order.
 PAPER_BENCHMARKS: tuple[str, ...] = ("vqav2", "gqa", "vizwiz", "scienceqa", "textvqa", "pope", "mmbench")
+
+#: The eight commonsense benchmarks of the paper's LLaMA table, in column order (BoolQ, PIQA, SIQA,
+#: HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA).
+COMMONSENSE_BENCHMARKS: tuple[str, ...] = (
+    "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
 def get_benchmark(name: str) -> Task:

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-__all__ = ["NEEDS", "ScoreInput", "Task"]
+__all__ = ["NEEDS", "PROMPT_FORMATS", "ScoreInput", "Task"]
 
 #: how a scorer input is needed: ``required``; ``optional``; ``either`` (at least one of the benchmark's
 #: ``either`` inputs is required)
 NEEDS = ("required", "optional", "either")
+#: how a question's prompt becomes model input (:attr:`Task.prompt_format`)
+PROMPT_FORMATS = ("conversation", "text")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,16 @@ class Task:
             :func:`evaluation.scoring.score_answers`).
         score_needs: the inputs ``score_files`` takes besides the answers, each with how it is needed
             (:class:`ScoreInput`); ``python -m evaluation.score --help`` lists them.
+        prompt_format: ``"conversation"``: the question's user message goes through the conversation
+            template (LLaVA's ``vicuna_v1``) and training's tokenization; ``"text"``: the prompt is the
+            whole model input, tokenized as is with the tokenizer's special tokens (BOS), for a causal
+            LM (the commonsense benchmarks' Alpaca prompt).
+        num_beams: the benchmark's own beam count (1: greedy, LLaVA's scripts; 4: LLM-Adapters'
+            ``commonsense_evaluate.py``); ``num_beams`` in ``conf/eval.yaml`` overrides it.
+        postprocess: decoded text -> the answer written (LLM-Adapters keeps the text after the last
+            ``### Response:``); ``None``: the text as decoded (LLaVA's ``.strip()``).
+        suite: which paper table the benchmark's column belongs to in the report (``"llava"``: Table 3,
+            LLaVA-1.5; ``"commonsense"``: the LLaMA commonsense table).
     """
 
     name: str
@@ -93,6 +105,16 @@ class Task:
     find_files: Optional[Callable[[Mapping[str, Any]], dict[str, Path]]] = None
     score_inputs: Optional[Callable[[Any], dict[str, Any]]] = None
     score_needs: tuple[ScoreInput, ...] = field(default=())
+    prompt_format: str = "conversation"
+    num_beams: int = 1
+    suite: str = "llava"
+    postprocess: Optional[Callable[[str], str]] = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"Task.prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if int(self.num_beams) < 1:
+            raise ValueError(f"Task.num_beams must be >= 1, got {self.num_beams}")
 
     def llava_paths(self, eval_root: str | os.PathLike) -> dict[str, Path]:
         """The benchmark's files in LLaVA's ``eval.zip`` layout under ``eval_root``."""

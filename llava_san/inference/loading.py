@@ -1,6 +1,8 @@
 """Model loading for ``python -m evaluation``, chat, predict and serve: a training run folder (base
 rebuilt from the run's config + ``adapter/``), its ``merged/`` folder, a llava-hf checkpoint, an
-adapter folder, or any ``conf/model`` config.
+adapter folder, or any ``conf/model`` config. A text-only causal LM (a ``LlamaForCausalLM`` checkpoint
+folder, or a run whose ``model.build`` builds one) loads as ``(model, tokenizer)``: the tokenizer
+stands where a LLaVA processor would.
 
 torch, transformers and the training code are imported inside the functions that load a model: a
 run checks every input (and a ``generate=false`` run scores) without their seconds of import time.
@@ -16,7 +18,8 @@ from typing import Any, Optional
 
 from ..export import run_config_file
 
-__all__ = ["LoadedModel", "default_model_id", "describe_path", "load_model"]
+__all__ = ["LoadedModel", "default_model_id", "describe_path", "is_causal_lm_checkpoint", "load_causal_lm",
+           "load_model", "prepare_generation_tokenizer"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,8 @@ def load_model(
       ``adapter/`` loaded onto it (:func:`llava_san.peft.load_adapter`); ``use_merged`` loads the
       run's ``merged/`` folder instead.
     * ``path`` = a transformers LLaVA checkpoint (a ``merged/`` folder, ``llava-hf/llava-1.5-7b-hf``):
-      :func:`llava_san.models.load_llava_hf`.
+      :func:`llava_san.models.load_llava_hf`; a causal-LM checkpoint (``config.json`` whose
+      ``architectures`` are ``*ForCausalLM``, tokenizer files beside it): :func:`load_causal_lm`.
     * ``path`` = an adapter folder, or ``adapter`` given: loaded onto ``model_cfg`` 's model.
     * otherwise ``model_cfg`` (a ``conf/model/*.yaml`` node: ``build`` + ``processor``) alone.
 
@@ -158,6 +162,8 @@ class _Source:
     def build(self, dt: Optional[str], attn_implementation: Optional[str], merge: bool) -> tuple[Any, Any]:
         """``(model, processor)``, the adapter loaded (and merged when ``merge``)."""
         if self.checkpoint is not None:
+            if is_causal_lm_checkpoint(self.checkpoint):
+                return load_causal_lm(self.checkpoint, dt, attn_implementation)
             from llava_san.models import load_llava_hf  # torch + transformers: only when a model is built
 
             return load_llava_hf(str(self.checkpoint), dtype=dt or "auto",
@@ -174,7 +180,51 @@ class _Source:
 
             model = apply_adapter_folder(model, self.adapter_dir, merge)
             self.description += "" if self.kind else f" + adapter {self.adapter_dir}"
+        if not hasattr(processor, "tokenizer"):  # a causal LM's tokenizer (e.g. model.build: tiny_llama)
+            prepare_generation_tokenizer(processor)
         return model, processor
+
+
+def is_causal_lm_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path/config.json`` describes a text-only causal LM (``architectures`` such as
+    ``LlamaForCausalLM``) rather than a LLaVA checkpoint."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") or []
+    return (config.get("model_type") != "llava" and bool(archs)
+            and all(str(a).endswith("ForCausalLM") for a in archs))
+
+
+def prepare_generation_tokenizer(tokenizer: Any) -> Any:
+    """A causal LM's tokenizer set up as LLM-Adapters' ``commonsense_evaluate.py`` does for batched
+    generation: ``padding_side = "left"`` and, when it has none, ``pad_token_id = 0`` (LLaMA's
+    ``<unk>``; padded positions are masked out, so the id does not change any answer)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = 0
+    return tokenizer
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: Optional[str] = None,
+                   attn_implementation: Optional[str] = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a transformers causal-LM folder (``LlamaForCausalLM`` + tokenizer
+    files): ``AutoModelForCausalLM`` in ``dtype`` (None/auto: the checkpoint's) and ``AutoTokenizer``,
+    prepared by :func:`prepare_generation_tokenizer`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llava_san.models import resolve_dtype
+
+    kw: dict[str, Any] = {"dtype": "auto" if dtype in (None, "auto") else resolve_dtype(dtype)}
+    if attn_implementation is not None:
+        kw["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    tokenizer = prepare_generation_tokenizer(AutoTokenizer.from_pretrained(str(path)))
+    model.eval()
+    return model, tokenizer
 
 
 def default_model_id(path: str | os.PathLike | None = None, *, adapter: str | os.PathLike | None = None,

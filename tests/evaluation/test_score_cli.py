@@ -10,27 +10,28 @@ from pathlib import Path
 import pytest
 
 from evaluation.answers import write_answers
-from evaluation.tasks import BENCHMARKS, PAPER_BENCHMARKS, EvalQuestion, Task, get_benchmark, llava_paths
+from evaluation.tasks import (BENCHMARKS, COMMONSENSE_BENCHMARKS, PAPER_BENCHMARKS, EvalQuestion, Task, get_benchmark,
+                              llava_paths)
 from evaluation.score import main, score_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_registry_names_and_loud_errors():
-    assert list(BENCHMARKS) == [*PAPER_BENCHMARKS, "easyvqa"]
+    assert list(BENCHMARKS) == [*PAPER_BENCHMARKS, "easyvqa", *COMMONSENSE_BENCHMARKS]
     for name in BENCHMARKS:
         task = get_benchmark(name)
         mod = importlib.import_module(BENCHMARKS[name])
         assert task is mod.TASK and isinstance(task, Task)
         assert task.name == mod.NAME == name and task.title == mod.TITLE and task.headline == mod.HEADLINE
-        assert task.max_new_tokens == mod.MAX_NEW_TOKENS in (128, 1024)
+        assert task.max_new_tokens == mod.MAX_NEW_TOKENS in ((32,) if name in COMMONSENSE_BENCHMARKS else (128, 1024))
         for fn in ("load_questions", "score", "score_files"):
             assert callable(getattr(mod, fn)), (name, fn)
             assert getattr(task, fn) is getattr(mod, fn), (name, fn)
     with pytest.raises(
         ValueError,
         match="unknown benchmark 'popee'; valid: vqav2, gqa, vizwiz, scienceqa, textvqa, pope, mmbench, "
-        "easyvqa",
+        "easyvqa, boolq, piqa, social_i_qa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa",
     ):
         get_benchmark("popee")
 

@@ -1,0 +1,12 @@
+"""OpenBookQA (OBQA): science questions, four answers; ``answer1`` .. ``answer4``.
+
+LLM-Adapters ``dataset/openbookqa/test.json``; prompt, decoding and scoring shared by the eight
+commonsense benchmarks: :mod:`evaluation.tasks.commonsense`.
+"""
+
+from evaluation.tasks.commonsense import commonsense_task
+
+NAME = "openbookqa"
+TASK = commonsense_task(NAME)
+TITLE, HEADLINE, MAX_NEW_TOKENS = TASK.title, TASK.headline, TASK.max_new_tokens
+load_questions, score, score_files = TASK.load_questions, TASK.score, TASK.score_files
