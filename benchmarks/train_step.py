@@ -42,10 +42,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # libgomp's active wait add
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _fresh  # noqa: E402
+from _fresh import run_fresh  # noqa: E402
+
+if __name__ == "__main__":
+    _fresh.start()  # the memory processes' fork server imports the libraries alongside this process
+
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _fresh import run_fresh  # noqa: E402
 
 ARMS = ("none", "lora", "dora", "san_lora", "san_dora")
 RATIOS = (("san_lora", "lora"), ("san_dora", "dora"), ("dora", "lora"), ("none", "lora"))
@@ -176,6 +181,7 @@ def _quiet() -> None:
 def bench_model(model: str, args) -> dict:
     """Interleaved step timing of every arm of ``model``, then one fresh memory process per arm."""
     modules = {arm: build_module(model, arm, args.log_gamma_every) for arm in args.arms}
+    _fresh.wait_ready()  # the fork server's imports are done before anything is timed
     first = modules[args.arms[0]][0]
     n_params = sum(p.numel() for p in first.model.parameters() if not p.requires_grad) + sum(
         p.numel() for n, p in first.model.named_parameters() if p.requires_grad and "lora_" not in n)
