@@ -46,7 +46,9 @@ At initialisation (B = 0, m = ‖W‖) every γ is exactly 1 and SAN computes ex
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
@@ -96,25 +98,95 @@ def _raw_gamma(
     acc = torch.promote_types(h.dtype, torch.float32)  # fp32 at least (bf16 activations), fp64 stays fp64
     hp = h_prime.reshape(-1, out)  # (N, out)
     hh = h.reshape(-1, out)  # (N, out)
-    if hp.dtype != acc or hh.dtype != acc:
-        hp, hh = hp.to(acc), hh.to(acc)
     if cfg.pool == "lsq":
-        hk = hh if weights is None else hh * weights  # padded rows -> 0: they add nothing to either sum
         if torch.is_grad_enabled() and (hp.requires_grad or hh.requires_grad):
+            if hp.dtype != acc or hh.dtype != acc:
+                hp, hh = hp.to(acc), hh.to(acc)
+            hk = hh if weights is None else hh * weights  # padded rows -> 0: they add nothing to either sum
             num, den = torch.linalg.vecdot(hp, hk, dim=0), torch.linalg.vecdot(hk, hh, dim=0)
+        elif hh.device.type == "cpu":  # one pass over row blocks, no (N, out) temporary
+            num, den = _lsq_sums_blocked(hp, hh, weights, acc)
         else:  # the same products and sums (= vecdot), the second product reusing the first's buffer
+            if hp.dtype != acc or hh.dtype != acc:
+                hp, hh = hp.to(acc), hh.to(acc)
+            hk = hh if weights is None else hh * weights
             prod = hp * hk  # (N, out)
             num = prod.sum(0)
             den = torch.mul(hk, hh, out=prod).sum(0)
         # γ = 1 where Σh² < eps; the clamped divisor keeps the unused branch (and its gradient) finite
         return torch.where(den >= cfg.eps, num / den.clamp(min=cfg.eps), 1.0)
     # mean of the clipped ratio, exactly 1 where h' == h
+    if hp.dtype != acc or hh.dtype != acc:
+        hp, hh = hp.to(acc), hh.to(acc)
     h_safe = torch.where(hh >= 0, hh.clamp(min=_MEAN_H_FLOOR), hh.clamp(max=-_MEAN_H_FLOOR))
     ratio = (1.0 + (hp - hh) / h_safe).clamp(-_MEAN_RATIO_CLIP, _MEAN_RATIO_CLIP)
     if weights is None:
         return ratio.mean(0)
     w = weights.reshape(-1)  # (N,)
     return (w @ ratio) / w.sum().clamp(min=1.0)
+
+
+#: CPU lsq sums: the two accumulators of :func:`_lsq_sums_blocked` take about this many bytes (they stay in
+#: the core's L2 cache), but at least :data:`_LSQ_MIN_ROWS` rows each (fewer, longer ops for wide layers)
+_LSQ_BLOCK_BYTES = 1 << 19
+_LSQ_MIN_ROWS = 32
+_scratch_local = threading.local()
+
+
+def _scratch(key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat ``numel`` buffer kept by this thread for ``key`` (grown when too small, never shrunk).
+
+    For transient CPU work done in every layer: the buffer is allocated (and its pages faulted in) once,
+    not at every call. A caller must be done with the buffer before the next call with the same key; the
+    contents are garbage on return.
+    """
+    cache = getattr(_scratch_local, "buffers", None)
+    if cache is None:
+        cache = _scratch_local.buffers = {}
+    k = (key, dtype, device)
+    buf = cache.get(k)
+    if buf is None or buf.numel() < numel:
+        buf = cache[k] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _lsq_sums_blocked(
+    hp: torch.Tensor, hh: torch.Tensor, weights: Optional[torch.Tensor], acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ_n w_n h'_n ⊙ h_n`` and ``Σ_n w_n h_n ⊙ h_n`` (``(out,)`` each, in ``acc``) without an ``(N, out)``
+    temporary (CPU, no autograd).
+
+    The rows are folded into two ``(rows, out)`` accumulators, ``rows`` block by block (``addcmul_`` in
+    ``acc``: bf16 inputs are widened element by element, products are exact), and the accumulators are
+    summed over their rows at the end. The activations are read once from memory and the accumulators
+    stay in cache, where the plain ``(h' ⊙ h).sum(0)`` writes and re-reads two activation-sized products
+    (and faults in their fresh pages). Equal to it up to the order of the fp32 additions.
+
+    Args:
+        hp, hh: ``(N, out)`` adapted and frozen-path outputs (any float dtype no wider than ``acc``).
+        weights: ``(N, 1)`` token weights in ``acc`` (the 0/1 padding mask), or None (all tokens).
+    """
+    n, out = hh.shape
+    if n == 0:
+        zero = hh.new_zeros(out, dtype=acc)
+        return zero, zero.clone()
+    rows = min(n, max(_LSQ_MIN_ROWS, _LSQ_BLOCK_BYTES // (2 * out * torch.finfo(acc).bits // 8)))
+    accs = _scratch("lsq_acc", 2 * rows * out, acc, hh.device).view(2, rows, out).zero_()
+    num_acc, den_acc = accs[0], accs[1]
+    tmp = None if weights is None else _scratch("lsq_masked", rows * out, acc, hh.device).view(rows, out)
+    blocks = zip(hp.split(rows), hh.split(rows), weights.split(rows) if weights is not None else repeat(None))
+    for a, b, w in blocks:  # (m, out), (m, out), (m, 1) or None; m = rows but in the last block
+        m = a.shape[0]
+        na, da = (num_acc, den_acc) if m == rows else (num_acc[:m], den_acc[:m])
+        if w is not None:
+            b_w = torch.mul(b, w, out=tmp if m == rows else tmp[:m])  # padded rows -> 0
+            na.addcmul_(a, b_w)
+            da.addcmul_(b_w, b)
+        else:
+            na.addcmul_(a, b)
+            da.addcmul_(b, b)
+    sums = accs.sum(1)  # (2, out)
+    return sums[0], sums[1]
 
 
 def _count_clamped(raw: torch.Tensor, cfg: SanConfig) -> torch.Tensor:
@@ -212,34 +284,48 @@ def scaled_weight(weight: torch.Tensor, g_row: Optional[torch.Tensor], g_col: Op
 
 
 class _ScaledFrozenLinear(torch.autograd.Function):
-    """``y = x (diag(g_row) W diag(g_col))ᵀ`` for a frozen ``W``, without keeping the scaled weight.
+    """``y_i = x_i (diag(g_row) W diag(g_col))ᵀ`` for a frozen ``W`` and one or more inputs ``x_i``, without
+    keeping the scaled weight.
 
-    The scaled ``(out, in)`` weight is made transiently in forward and again in backward, so no
-    ``(tokens, out)`` activation is rescaled and nothing beyond ``x`` (only when ``g_col`` needs its
-    gradient) is saved. ``g_row`` must not need a gradient (the caller falls back otherwise).
-    Shapes: x ``(..., in)``, W ``(out, in)``, g_row ``(out,)``, g_col ``(in,)``.
+    The scaled ``(out, in)`` weight is made transiently in forward and again in backward (once for all
+    inputs: DoRA's ``x`` and ``drop(x)`` share it), so no ``(tokens, out)`` activation is rescaled and
+    nothing beyond the inputs (only when ``g_col`` needs its gradient) is saved. ``g_row`` must not need a
+    gradient (the caller falls back otherwise).
+    Shapes: x_i ``(..., in)``, W ``(out, in)``, g_row ``(out,)``, g_col ``(in,)``; returns a tuple of ``(..., out)``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, g_row, g_col):
-        need_g_col = g_col is not None and ctx.needs_input_grad[3]
-        ctx.save_for_backward(x if need_g_col else None, weight, g_row, g_col)
-        ctx.dtype = x.dtype
-        return F.linear(x, scaled_weight(weight, g_row, g_col, x.dtype))
+    def forward(ctx, weight, g_row, g_col, *xs):
+        need_g_col = g_col is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(weight, g_row, g_col, *(xs if need_g_col else ()))
+        ctx.dtype = xs[0].dtype
+        ctx.set_materialize_grads(False)
+        w = scaled_weight(weight, g_row, g_col, ctx.dtype)
+        return tuple(F.linear(x, w) for x in xs)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, g_row, g_col = ctx.saved_tensors
-        grad_x = grad_g_col = None
+    def backward(ctx, *grad_ys):
+        weight, g_row, g_col, *xs = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[3:]
+        grad_xs: list[Optional[torch.Tensor]] = [None] * len(need_x)
+        grad_g_col = None
         # the scaled weight as forward made it, in grad_y's dtype (they differ only under autocast, where
         # forward's F.linear ran in bf16/fp16 on the weight scaled in x's dtype)
-        if ctx.needs_input_grad[3]:
-            u = grad_y @ scaled_weight(weight, g_row, None, ctx.dtype).to(grad_y.dtype)  # grad w.r.t. (g_col ⊙ x)
-            grad_x = u * g_col if ctx.needs_input_grad[0] else None
-            grad_g_col = (u * x).reshape(-1, u.shape[-1]).sum(0)
-        elif ctx.needs_input_grad[0]:
-            grad_x = grad_y @ scaled_weight(weight, g_row, g_col, ctx.dtype).to(grad_y.dtype)
-        return grad_x, None, None, grad_g_col
+        if ctx.needs_input_grad[2]:
+            w = scaled_weight(weight, g_row, None, ctx.dtype)
+            for i, grad_y in enumerate(grad_ys):
+                if grad_y is None:
+                    continue
+                u = grad_y @ w.to(grad_y.dtype)  # grad w.r.t. (g_col ⊙ x_i)
+                grad_xs[i] = u * g_col if need_x[i] else None
+                part = (u * xs[i]).reshape(-1, u.shape[-1]).sum(0)
+                grad_g_col = part if grad_g_col is None else grad_g_col + part
+        elif any(need_x):
+            w = scaled_weight(weight, g_row, g_col, ctx.dtype)
+            for i, grad_y in enumerate(grad_ys):
+                if grad_y is not None and need_x[i]:
+                    grad_xs[i] = grad_y @ w.to(grad_y.dtype)
+        return (None, None, grad_g_col, *grad_xs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,21 +383,24 @@ class SanLoraLinear(lora_layer.Linear):
             weight_side_scaling=slot.state.cfg.weight_side_scaling,
         )
 
-        def frozen(inp: torch.Tensor) -> torch.Tensor:
-            """g_row ⊙ (W (g_col ⊙ inp)), no bias."""
-            return self._san_frozen(inp, g_row, g_col, plan, args, kwargs)
-
-        h = frozen(x)  # (B, T, out)
+        dora = adapter in self.lora_variant
+        two_inputs = dora and training and not isinstance(dropout, nn.Identity)  # DoRA needs W x and W drop(x)
+        if two_inputs and plan.weight_side:  # one transient scaled weight serves both
+            x_lora = self._cast_input_dtype(x, lora_A.weight.dtype)
+            x_drop = dropout(x_lora)
+            h, h_drop = self._san_frozen((x, x_drop.to(x.dtype)), g_row, g_col, plan, args, kwargs)
+        else:  # peft's order of operations (propagation=off trains bit-equal to peft)
+            (h,) = self._san_frozen((x,), g_row, g_col, plan, args, kwargs)  # (B, T, out)
+            x_lora = self._cast_input_dtype(x, lora_A.weight.dtype)
+            if two_inputs:
+                x_drop = dropout(x_lora)
+                (h_drop,) = self._san_frozen((x_drop.to(x.dtype),), g_row, g_col, plan, args, kwargs)
+            else:
+                x_drop, h_drop = x_lora, h
         result_dtype = h.dtype
-        x_lora = self._cast_input_dtype(x, lora_A.weight.dtype)
-        if adapter not in self.lora_variant:  # LoRA: h' = h + s·B A drop(x)
+        if not dora:  # LoRA: h' = h + s·B A drop(x)
             h_prime = h + lora_B(lora_A(dropout(x_lora))) * scaling
         else:  # DoRA: h' = h + (ns − 1) ⊙ W_SAN drop(x) + ns ⊙ s·B A drop(x)
-            if isinstance(dropout, nn.Identity) or not training:
-                x_drop, h_drop = x_lora, h
-            else:
-                x_drop = dropout(x_lora)
-                h_drop = frozen(x_drop.to(x.dtype))
             ns = self._san_dora_scale(adapter, x_lora.dtype, g_row, g_col)  # (1, out)
             h_prime = h + ((ns - 1) * h_drop + ns * lora_B(lora_A(x_drop)) * scaling)
         if training and slot.wants_gamma():
@@ -319,13 +408,21 @@ class SanLoraLinear(lora_layer.Linear):
         out = h_prime if base.bias is None else h_prime + base.bias
         return out.to(result_dtype)
 
-    def _san_frozen(self, x: torch.Tensor, g_row: Optional[torch.Tensor], g_col: Optional[torch.Tensor],
-                    plan: FrozenPath, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The frozen path ``g_row ⊙ (W (g_col ⊙ x))`` without bias, ``(..., out)``, as ``plan`` says."""
+    def _san_frozen(self, xs: tuple[torch.Tensor, ...], g_row: Optional[torch.Tensor],
+                    g_col: Optional[torch.Tensor], plan: FrozenPath, args: tuple,
+                    kwargs: dict) -> tuple[torch.Tensor, ...]:
+        """The frozen path ``g_row ⊙ (W (g_col ⊙ x))`` without bias of each ``x`` of ``xs``, ``(..., out)``,
+        as ``plan`` says."""
         base = self.get_base_layer()
         if plan.weight_side:  # scale the (out, in) weight transiently instead of the (N, out) activations
-            return _ScaledFrozenLinear.apply(x, base.weight, g_row, g_col)
-        # the base layer is called as a module, so ZeRO-3 gathers W
+            return _ScaledFrozenLinear.apply(base.weight, g_row, g_col, *xs)
+        return tuple(self._san_frozen_module(x, g_row, g_col, plan, args, kwargs) for x in xs)
+
+    def _san_frozen_module(self, x: torch.Tensor, g_row: Optional[torch.Tensor], g_col: Optional[torch.Tensor],
+                           plan: FrozenPath, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The activation side of :meth:`_san_frozen`: the base layer is called as a module, so ZeRO-3
+        gathers W."""
+        base = self.get_base_layer()
         y = base(x * g_col if g_col is not None else x, *args, **kwargs)
         if base.bias is not None:
             y = y - base.bias
