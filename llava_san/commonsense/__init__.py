@@ -2,7 +2,8 @@
 
 * :mod:`.prompt`: ``generate_prompt`` (training text with ``output``; evaluation prompt without);
 * :mod:`.extract`: ``extract_answer`` and ``BENCHMARKS`` (our name -> LLM-Adapters folder, answer style);
-* :mod:`.encode`: tokenization of the prompt for a causal LM, as LLM-Adapters' tokenizer calls.
+* :mod:`.encode`: tokenization of the prompt for a causal LM, as LLM-Adapters' tokenizer calls;
+* :mod:`.beam`: batched 4-beam search (``commonsense_evaluate.py``'s decoding), imported on use (torch).
 """
 
 from .encode import IGNORE_INDEX, encode_prompt, encode_train, tokenize

@@ -182,3 +182,25 @@ def test_cli(checkpoint, dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["boolq"]["n_questions"] == 3
     assert "LLaMA-7B LoRA r32 (DoRA repo)" in (out / "report.md").read_text()
+
+
+@pytest.mark.skipif(not (ROOT / "conf" / "experiment" / "csr_tiny.yaml").is_file(),
+                    reason="needs the causal-LM training recipe (conf/experiment/csr_tiny.yaml)")
+def test_trained_causal_lm_run_folder(dataset, tmp_path):
+    """(b) a real `python -m train experiment=csr_tiny` run (tiny LLaMA + SAN-DoRA, 2 steps): its config's
+    model.build rebuilds the base, its adapter/ is loaded and merged; python -m evaluation path=<run>."""
+    from train.run import run as train_run
+
+    run_dir = tmp_path / "run"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            f"paths.output_dir={run_dir}", "experiment=csr_tiny", "trainer.accelerator=cpu", "trainer.max_steps=2",
+            "evaluate_commonsense=null", "callbacks.progress_bar.refresh_rate=0", "data.n_train=64",
+            "data.n_test=8", "data.val_set_size=0", f"data.cache_dir={tmp_path / 'csr'}", "optim.warmup_ratio=0.0"])
+    train_run(cfg)
+    assert describe_path(run_dir) == "run"
+    out = tmp_path / "eval"
+    results = run(_cfg(out, f"path={run_dir}", f"eval_root={dataset}", "benchmarks=[boolq]", "max_new_tokens=4",
+                       "batch_size=2"))
+    assert results["boolq"]["n_questions"] == 3 and results["boolq"]["coverage"]["missing"] == 0
+    assert json.loads((out / "report.json").read_text())["rows"][-1]["name"] == "run"
