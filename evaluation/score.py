@@ -78,7 +78,8 @@ def needs_help() -> str:
         layout = dict(task.layout)
         folder = layout.pop("folder", name)
         for k, need in enumerate(task.score_needs):
-            where = f" [eval.zip: {folder}/{layout[need.arg]}]" if need.arg in layout else ""
+            # LLaVA's eval.zip layout; the commonsense tasks name LLM-Adapters' dataset/ path in `what`
+            where = f" [eval.zip: {folder}/{layout[need.arg]}]" if need.arg in layout and task.suite == "llava" else ""
             lines.append(f"  {name if k == 0 else '':<10} {need.flag:<14} {need.need:<9} {need.what}{where}")
     return "\n".join(lines)
 
