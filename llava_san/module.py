@@ -19,14 +19,15 @@ trained tensor names and shapes) before anything is loaded. Mid-epoch resume is 
 level through the datamodule's ``state_dict``/``load_state_dict`` (saved by Lightning in the checkpoint).
 
 Logged: ``train/loss`` (the LM loss; a SAN regulariser is logged apart as ``train/san_reg``),
-``train/lr``, ``train/lr_projector``, ``train/samples_per_s``, ``train/tokens_per_s`` (non-padding
-tokens) and, every ``log_gamma_every_n_steps`` optimiser steps, SAN's γ statistics
-``san/<module type>/{mean,std,min,max,clamped,ema_mean}``.
+``train/lr``, ``train/lr_projector`` and, every ``log_gamma_every_n_steps`` optimiser steps, SAN's γ
+statistics ``san/<module type>/{mean,std,min,max,clamped,ema_mean}``. The throughput counters
+(``train/tokens_per_s``, ``train/samples_per_s``, ``train/mfu``, ``train/peak_mem_gb``) are
+:class:`~llava_san.training.throughput.Throughput`'s (``conf/callbacks/default.yaml``; added with its
+defaults by :meth:`LlavaSanModule.configure_callbacks` when the trainer has none).
 """
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any, Callable, Optional
 
 import lightning as L
@@ -93,7 +94,6 @@ class LlavaSanModule(L.LightningModule):
         self.processor = None
         # checkpoints hold the trained tensors only; checked in on_load_checkpoint
         self.strict_loading = False
-        self._t_batch: Optional[float] = None
         self._batches_in_epoch = 0
         self._skipped_batches = 0  # batches whose samples were all skipped as bad
 
@@ -143,10 +143,6 @@ class LlavaSanModule(L.LightningModule):
         n = self.log_gamma_every_n_steps
         return n > 0 and self.adapter.san is not None and self.trainer.global_step % n == 0
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._t_batch is None:
-            self._t_batch = time.perf_counter()
-
     @property
     def lockstep(self) -> bool:
         """Whether every step must run the same graph on every rank (more than one process, or DeepSpeed):
@@ -189,14 +185,9 @@ class LlavaSanModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
-        now = time.perf_counter()
-        dt, self._t_batch = now - (self._t_batch or now), now
-        if dt <= 0 or batch["input_ids"].numel() == 0:
+        if batch["input_ids"].numel() == 0:
             return
         bs = batch["input_ids"].shape[0]
-        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
-        self.log("train/samples_per_s", bs / dt, batch_size=bs)
-        self.log("train/tokens_per_s", float(tokens) / dt, batch_size=bs)
         opt = self.trainer.optimizers[0] if self.trainer.optimizers else None
         if opt is not None:
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
@@ -204,11 +195,18 @@ class LlavaSanModule(L.LightningModule):
             if "projector" in lrs:
                 self.log("train/lr_projector", lrs["projector"], batch_size=bs)
 
-    def on_train_epoch_start(self) -> None:
-        self._t_batch = None
-
     def on_train_epoch_end(self) -> None:
         self._batches_in_epoch = 0  # a checkpoint taken at the epoch's end resumes at the next epoch's start
+
+    def configure_callbacks(self) -> list:
+        """A :class:`~llava_san.training.throughput.Throughput` with its defaults when the trainer has none
+        (e.g. ``callbacks=none``), so the throughput counters are always logged, once."""
+        from .training.throughput import Throughput
+
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, Throughput) for c in trainer.callbacks):
+            return []
+        return [Throughput()]
 
     def configure_optimizers(self) -> dict:
         # DeepSpeed with the optimizer offloaded to the host: DeepSpeedCPUAdam (as LLaVA's zero3_offload)
