@@ -43,6 +43,7 @@ from .peft import (
     set_gamma_logging,
     set_projector_trainable,
 )
+from .models.llama import check_same_tokenizer, is_causal_lm
 from .peft.adapter_io import _fingerprint
 from .training.lockstep import placeholder_loss, zero_image_in_forward
 from .training.loss import causal_lm_loss
@@ -56,6 +57,11 @@ CKPT_KEY = "llava_san"
 
 class LlavaSanModule(L.LightningModule):
     """LLaVA-1.5 with an adapter recipe (peft LoRA/DoRA + SAN, none, or full fine-tuning), built lazily.
+
+    The same module trains a LLaMA-family causal LM (``conf/model/llama*.yaml``: a factory returning
+    ``(LlamaForCausalLM, tokenizer)``, ``train_projector=false``): :meth:`configure_model` finds that the
+    model has no vision tower (``text_only``), checks the data tokenizer instead of a LLaVA processor and
+    never runs the zero-image branch; everything else (loss, SAN, checkpoints, resume) is shared.
 
     Args:
         model_factory: a callable returning ``(LlavaForConditionalGeneration, processor)`` or a model
@@ -92,6 +98,7 @@ class LlavaSanModule(L.LightningModule):
         self.data_processor = data_processor
         self.model: Optional[torch.nn.Module] = None
         self.processor = None
+        self.text_only = False  # set in configure_model: the model is a causal LM without vision
         # checkpoints hold the trained tensors only; checked in on_load_checkpoint
         self.strict_loading = False
         self._batches_in_epoch = 0
@@ -107,8 +114,13 @@ class LlavaSanModule(L.LightningModule):
             return
         built = self.model_factory()
         model, processor = built if isinstance(built, tuple) else (built, None)
+        self.text_only = is_causal_lm(model)  # a LLaMA-family causal LM: no vision tower, no projector
+        if self.text_only and self.train_projector:
+            raise ValueError(f"{type(model).__name__} has no multimodal projector to train: set "
+                             "model.train_projector=false (conf/model/llama*.yaml do)")
         if self.data_processor is not None and processor is not None:
-            check_same_processor(self.data_processor, processor)
+            check = check_same_tokenizer if self.text_only else check_same_processor
+            check(self.data_processor, processor)
         model = self.adapter.apply(model)
         if self.train_projector:
             set_projector_trainable(model, True)
@@ -167,7 +179,7 @@ class LlavaSanModule(L.LightningModule):
         log_gamma = self._gamma_step()
         if log_gamma:
             set_gamma_logging(self.model, True)
-        text_only_in_lockstep = self.lockstep and batch.get("pixel_values") is None
+        text_only_in_lockstep = self.lockstep and batch.get("pixel_values") is None and not self.text_only
         with zero_image_in_forward(self.model) if text_only_in_lockstep else contextlib.nullcontext():
             lm_loss = causal_lm_loss(self.model, batch)
         loss = lm_loss

@@ -10,10 +10,15 @@ process and its dataloader workers), ``val/loss`` when the data holds out a vali
 (:func:`~llava_san.training.validation.held_out_loss`, once after training) and, with ``evaluate``, the easy-vqa metrics
 (:mod:`llava_san.training.easyvqa_eval`), whose table is the last thing printed. ``evaluate.when``:
 ``auto`` (default) runs that check only when the training data is easy-vqa (a log line says why it is
-skipped otherwise), ``always`` whatever the data; ``evaluate=null`` never.
+skipped otherwise), ``always`` whatever the data; ``evaluate=null`` never. ``evaluate_commonsense``
+(``experiment=csr_tiny``) is the same hook for commonsense-format data
+(:mod:`llava_san.training.commonsense_eval`: ``test/commonsense_accuracy`` beside
+``test/commonsense_majority_baseline``). A LLaMA causal LM (``model=llama*``/``tiny_llama``) exports
+``merged/`` as a plain ``LlamaForCausalLM`` + tokenizer.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import resource
 import time
@@ -23,7 +28,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from llava_san.checkpoint import (
@@ -35,10 +40,15 @@ from llava_san.checkpoint import (
     tidy_checkpoint_dir,
 )
 from llava_san.distributed import any_partitioned
+from llava_san.models.llama import export_causal_lm, export_causal_lm_from_adapter
 from llava_san.training import BadSampleReport, ConfigAtTrainStart, MetricsRecorder, write_metrics
 from llava_san.training.validation import held_out_loss
 
 log = logging.getLogger(__name__)
+
+#: end-of-training checks: config key -> what it scores (the evaluator's module has should_evaluate and
+#: format_report)
+EVALUATIONS = {"evaluate": "easy-vqa test accuracy", "evaluate_commonsense": "commonsense test accuracy"}
 
 
 def _instantiate_all(node) -> list:
@@ -121,24 +131,33 @@ def run(cfg: DictConfig) -> dict:
     metrics.update(bad_samples.metrics(trainer))
 
     save_final_adapter(module.model, cfg.paths.adapter_dir, trainer.is_global_zero, adapter)
-    report = None
-    if cfg.get("evaluate") and trainer.is_global_zero:
-        from llava_san.training.easyvqa_eval import format_report, should_evaluate
-
-        node = OmegaConf.to_container(cfg.evaluate, resolve=True)
+    reports = []
+    for key in EVALUATIONS:  # evaluate: easy-vqa; evaluate_commonsense: the commonsense check (csr_tiny)
+        if not (cfg.get(key) and trainer.is_global_zero):
+            continue
+        rules = importlib.import_module(get_class(cfg[key]._target_).__module__)  # should_evaluate, format_report
+        node = OmegaConf.to_container(cfg[key], resolve=True)
         node.pop("when", None)  # the rule below, not an evaluator argument
-        wanted, why = should_evaluate(cfg.evaluate.get("when", "auto"), cfg.data.get("_target_"))
+        wanted, why = rules.should_evaluate(cfg[key].get("when", "auto"), cfg.data.get("_target_"))
         if not wanted:
-            log.info("evaluate: easy-vqa test accuracy skipped: %s", why)
+            log.info("%s: %s skipped: %s", key, EVALUATIONS[key], why)
         elif trainer.world_size > 1:
-            log.warning("evaluate: skipped under %d processes (evaluate the saved adapter instead)",
+            log.warning("%s: skipped under %d processes (evaluate the saved adapter instead)", key,
                         trainer.world_size)
         else:
             metrics.update(instantiate(node)(module.model, module.processor or processor))
-            report = format_report(metrics)
+            reports.append(rules.format_report(metrics))
+    report = "\n".join(reports)
     if trainer.is_global_zero:
         _log_summary(trainer.loggers, metrics, trainer.global_step)
-    if cfg.get("export") and trainer.is_global_zero:
+    if cfg.get("export") and trainer.is_global_zero and module.text_only:
+        # a causal LM: the merged LlamaForCausalLM + its tokenizer (AutoModelForCausalLM.from_pretrained)
+        if any_partitioned(module.model):
+            export_causal_lm_from_adapter(module.model_factory, cfg.paths.adapter_dir, module.processor or processor,
+                                          cfg.paths.merged_dir)
+        else:
+            export_causal_lm(module.model, module.processor or processor, cfg.paths.merged_dir, adapter)
+    elif cfg.get("export") and trainer.is_global_zero:
         # the exported processor prepares inputs as this run's data did (template, image padding)
         how = dict(template=cfg.data.get("template", "vicuna_v1"),
                    image_aspect_ratio=cfg.data.get("image_aspect_ratio", "pad"))

@@ -26,6 +26,7 @@ from .errors import TooManyBadSamplesError
 from .index import RecordIndex
 from .loader import LlavaDataLoader
 from .preprocess import LlavaPreprocessor
+from .records import check_record
 from .sampler import ModalityLengthGroupedBatchSampler
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,7 @@ class LlavaDataModule(L.LightningDataModule):
                              "hydra.utils.instantiate(cfg.data, processor=processor)")
         if not self.train_file:
             raise ValueError("LlavaDataModule: train_file is not set")
-        preprocessor = LlavaPreprocessor.from_processor(
-            self.processor, template=self.template, model_max_length=self.model_max_length,
-            tokenization=self.tokenization, image_folder=self.image_folder,
-            image_aspect_ratio=self.image_aspect_ratio, max_image_pixels=self.max_image_pixels,
-            symlinks_outside=self.image_symlinks_outside)
+        preprocessor = self._make_preprocessor()
         train_index = self._build_index(self.train_file)
         if self.image_folder is not None and not os.path.isdir(self.image_folder) and train_index.has_image.any():
             raise FileNotFoundError(
@@ -134,12 +131,8 @@ class LlavaDataModule(L.LightningDataModule):
         val_index = None
         if self.val_file:
             val_index = self._build_index(self.val_file)
-        elif self.val_fraction > 0 and len(train_index) > 1:
-            rng = np.random.default_rng([self.seed, 0x7A1])
-            perm = rng.permutation(len(train_index))
-            n_val = min(max(1, round(self.val_fraction * len(train_index))), len(train_index) - 1)
-            val_index = train_index.subset(np.sort(perm[:n_val]))
-            train_index = train_index.subset(np.sort(perm[n_val:]))
+        else:
+            train_index, val_index = self._split(train_index)
         train_index = self._limit(train_index, self.max_train_samples, 1)
         self.train_dataset = LlavaDataset(train_index, preprocessor, self.on_bad_sample,
                                           BadSampleCounter(self.num_workers))
@@ -151,8 +144,31 @@ class LlavaDataModule(L.LightningDataModule):
                  len(self.train_dataset), len(self.val_dataset) if self.val_dataset else 0, self.train_file,
                  self.template, self.model_max_length)
 
+    def _make_preprocessor(self):
+        """record -> sample (``__call__(rec, position, path)``), built from ``self.processor``."""
+        return LlavaPreprocessor.from_processor(
+            self.processor, template=self.template, model_max_length=self.model_max_length,
+            tokenization=self.tokenization, image_folder=self.image_folder,
+            image_aspect_ratio=self.image_aspect_ratio, max_image_pixels=self.max_image_pixels,
+            symlinks_outside=self.image_symlinks_outside)
+
+    def _split(self, index: RecordIndex) -> tuple[RecordIndex, Optional[RecordIndex]]:
+        """``(train, val)``: ``val_fraction`` of ``index`` held out, deterministically from ``seed``."""
+        if not (self.val_fraction > 0 and len(index) > 1):
+            return index, None
+        n_val = min(max(1, round(self.val_fraction * len(index))), len(index) - 1)
+        return self._split_n(index, n_val)
+
+    def _split_n(self, index: RecordIndex, n_val: int) -> tuple[RecordIndex, RecordIndex]:
+        rng = np.random.default_rng([self.seed, 0x7A1])
+        perm = rng.permutation(len(index))
+        return index.subset(np.sort(perm[n_val:])), index.subset(np.sort(perm[:n_val]))
+
+    #: ``check(record, position, path) -> length`` of the records format (raises ``BadSample``)
+    record_check = staticmethod(check_record)
+
     def _build_index(self, path: str) -> RecordIndex:
-        index = RecordIndex.build(path, on_bad_sample=self.on_bad_sample)
+        index = RecordIndex.build(path, on_bad_sample=self.on_bad_sample, check=self.record_check)
         st = index.stats
         self.index_stats[str(path)] = {"total": st.total, "kept": st.kept,
                                        "bad_by_reason": dict(st.bad_counts),
@@ -190,7 +206,8 @@ class LlavaDataModule(L.LightningDataModule):
         return int(world), int(rank), int(accum)
 
     def _loader_kwargs(self) -> dict:
-        kw: dict[str, Any] = {"collate_fn": LlavaCollator(self.processor.tokenizer.pad_token_id,
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)  # a causal LM's processor is its tokenizer
+        kw: dict[str, Any] = {"collate_fn": LlavaCollator(tokenizer.pad_token_id,
                                                           self.pad_to_multiple_of),
                               "num_workers": self.num_workers, "pin_memory": self.pin_memory}
         if self.num_workers > 0:

@@ -24,7 +24,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -75,7 +75,8 @@ class RecordIndex:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, path: str, on_bad_sample: str = "skip", max_examples: int = 5) -> "RecordIndex":
+    def build(cls, path: str, on_bad_sample: str = "skip", max_examples: int = 5,
+              check: Optional[Callable[[Any, int, str], int]] = None) -> "RecordIndex":
         """Scan ``path`` (a JSON array of records, or JSON lines) into a packed index.
 
         Args:
@@ -83,12 +84,16 @@ class RecordIndex:
             on_bad_sample: ``"skip"`` leaves structurally bad records out (counted in ``stats``);
                 ``"raise"`` raises :class:`BadSampleError` on the first one.
             max_examples: messages kept per reason for the report.
+            check: ``check(record, position, path) -> length`` raising :class:`BadSample`; default
+                :func:`~llava_san.data.records.check_record` (LLaVA records). The length is what the
+                sampler groups by (LLaVA's modality length: negative for text-only records).
 
         Raises:
             ValueError: the file is not UTF-8 or not valid JSON (names file, line, column).
         """
         if on_bad_sample not in ("skip", "raise"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'raise', got {on_bad_sample!r}")
+        check = check or check_record
         path = os.fspath(path)
         t0 = time.perf_counter()
         st = os.stat(path)
@@ -108,7 +113,7 @@ class RecordIndex:
         for position, (start, length, rec) in enumerate(_scan(path)):
             stats.total += 1
             try:
-                mlen = check_record(rec, position, path)
+                mlen = check(rec, position, path)
             except BadSample as bad:
                 if on_bad_sample == "raise":
                     raise BadSampleError(bad.message, bad.reason) from None

@@ -32,6 +32,11 @@ def test_model_config(option):
         model, processor = build()
         assert type(model).__name__ == "LlavaForConditionalGeneration"
         instantiate(cfg.model.processor)
+    if option == "tiny_llama":  # the LLaMA path's CPU model: (LlamaForCausalLM, tokenizer), no projector
+        model, tok = build()
+        assert type(model).__name__ == "LlamaForCausalLM" and len(instantiate(cfg.model.processor)) == len(tok)
+    if option.startswith("llama") or option == "tiny_llama":
+        assert cfg.model.train_projector is False
 
 
 @pytest.mark.parametrize("option", _options("peft"))
@@ -118,7 +123,7 @@ def test_data_config(option):
     assert "_target_" in cfg.data
 
 
-@pytest.mark.parametrize("option", _options("experiment"))
+@pytest.mark.parametrize("option", [o for o in _options("experiment") if o.startswith("llava")])
 def test_experiment_config(option):
     if not _has_data("mvit665k"):
         pytest.skip("conf/data/mvit665k.yaml not there yet")
@@ -132,12 +137,34 @@ def test_experiment_config(option):
     assert cfg.trainer.max_epochs == 1 and cfg.trainer.precision == "bf16-mixed"
 
 
+@pytest.mark.parametrize("option", [o for o in _options("experiment") if not o.startswith("llava")])
+def test_llama_experiment_config(option):
+    """The LLaMA recipes (conf/experiment/llama*.yaml, csr_tiny.yaml) compose and their nodes instantiate:
+    a LLaMA model config, commonsense-format data, LoRA/DoRA r=32 on q,k,v,up,down (Table 6: q,up,down)."""
+    from llava_san.data.commonsense import CommonsenseDataModule
+
+    cfg = _compose(f"experiment={option}")
+    assert cfg.model.train_projector is False
+    assert issubclass(instantiate(cfg.data, _partial_=True).func, CommonsenseDataModule)
+    recipe = instantiate(cfg.peft)
+    types = set(recipe.lora_config.target_modules)
+    assert types == ({"q_proj", "up_proj", "down_proj"} if option.endswith("_qud")
+                     else {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"})
+    assert (recipe.san is not None) == ("_san_" in option or option == "csr_tiny")
+    if option == "csr_tiny":
+        assert cfg.model.build._target_.endswith("build_tiny_causal_lm") and cfg.evaluate is None
+        assert cfg.evaluate_commonsense._target_.endswith("CommonsenseEvaluator")
+    else:
+        assert (recipe.lora_config.r, recipe.lora_config.lora_alpha, recipe.lora_config.lora_dropout) == (32, 64, 0.05)
+        assert cfg.data.cutoff_len == 256 and cfg.trainer.max_epochs == 3 and cfg.evaluate is None
+
+
 def test_default_config():
     if not _has_data("easyvqa"):
         pytest.skip("conf/data/easyvqa.yaml not there yet")
     cfg = _compose()
     assert cfg.model.build._target_.endswith("build_tiny") and cfg.peft.lora_config.use_dora and cfg.peft.san
-    assert cfg.trainer.max_epochs is None and cfg.trainer.max_steps == 3500  # a fixed step count
+    assert cfg.trainer.max_epochs is None and cfg.trainer.max_steps == 4000  # a fixed step count (rule R2)
     assert cfg.data.batch_size == 32 and cfg.evaluate.limit is None  # all 9,673 test questions
     # the evaluation asks questions as the training data is prepared
     assert (cfg.evaluate.template, cfg.evaluate.tokenization, cfg.evaluate.image_aspect_ratio) == (
@@ -149,7 +176,9 @@ def test_default_config():
 def test_model_processor_targets_are_the_builders():
     """One piece of code per processor: the model configs' processors are the builder's functions."""
     for name, target in (("llava7b", "build_parts_processor"), ("llava13b", "build_parts_processor"),
-                         ("llava7b_hf", "load_llava_hf_processor")):
+                         ("llava7b_hf", "load_llava_hf_processor"), ("llama7b", "load_llama_tokenizer"),
+                         ("llama13b", "load_llama_tokenizer"), ("llama2_7b", "load_llama_tokenizer"),
+                         ("llama3_8b", "load_llama_tokenizer"), ("tiny_llama", "tiny_causal_lm_processor")):
         cfg = _compose(f"model={name}", "data=synthetic")
         assert cfg.model.processor._target_ == f"llava_san.models.{target}"
         build_keys = set(cfg.model.build) - {"_target_", "_partial_"}
