@@ -43,6 +43,12 @@ This module holds the maths (γ, the SAN layer, the merged weight); the configur
 whole model) :mod:`.san_model`.
 
 At initialisation (B = 0, m = ‖W‖) every γ is exactly 1 and SAN computes exactly what LoRA/DoRA does.
+
+Cost: γ is computed only where a consumer (or the logger, or the regulariser) needs it, under ``no_grad``
+unless its gradient is used; its two sums read ``h'`` and ``h`` once (CPU: row blocks folded into
+cache-sized accumulators, :func:`_lsq_sums_blocked`; ``SanConfig.fused_gamma``: one compiled kernel).
+The incoming scaling goes on the smaller side (:func:`plan_frozen_path`); DoRA's ``W x`` and
+``W drop(x)`` share one transient scaled weight.
 """
 from __future__ import annotations
 
@@ -104,6 +110,8 @@ def _raw_gamma(
                 hp, hh = hp.to(acc), hh.to(acc)
             hk = hh if weights is None else hh * weights  # padded rows -> 0: they add nothing to either sum
             num, den = torch.linalg.vecdot(hp, hk, dim=0), torch.linalg.vecdot(hk, hh, dim=0)
+        elif cfg.fused_gamma:  # one compiled kernel: h' and h read once, fp32 accumulation
+            num, den = _lsq_sums_compiled()(hp, hh, weights, acc)
         elif hh.device.type == "cpu":  # one pass over row blocks, no (N, out) temporary
             num, den = _lsq_sums_blocked(hp, hh, weights, acc)
         else:  # the same products and sums (= vecdot), the second product reusing the first's buffer
@@ -187,6 +195,28 @@ def _lsq_sums_blocked(
             da.addcmul_(b, b)
     sums = accs.sum(1)  # (2, out)
     return sums[0], sums[1]
+
+
+def _lsq_sums_eager(
+    hp: torch.Tensor, hh: torch.Tensor, weights: Optional[torch.Tensor], acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ_n w_n h'_n ⊙ h_n`` and ``Σ_n w_n h_n ⊙ h_n`` written plainly (what :func:`_lsq_sums_compiled`
+    compiles into one fused reduction)."""
+    hh_acc = hh.to(acc)
+    hk = hh_acc if weights is None else hh_acc * weights
+    return (hp.to(acc) * hk).sum(0), (hk * hh_acc).sum(0)
+
+
+_compiled_lsq_sums = None
+
+
+def _lsq_sums_compiled():
+    """:func:`_lsq_sums_eager` under ``torch.compile`` (dynamic shapes; compiled on first use, once per
+    dtype and mask/no-mask), ``SanConfig.fused_gamma``."""
+    global _compiled_lsq_sums
+    if _compiled_lsq_sums is None:
+        _compiled_lsq_sums = torch.compile(_lsq_sums_eager, dynamic=True, fullgraph=True)
+    return _compiled_lsq_sums
 
 
 def _count_clamped(raw: torch.Tensor, cfg: SanConfig) -> torch.Tensor:

@@ -37,6 +37,12 @@ class SanConfig:
             (exact either way, see :func:`llava_san.peft.san.plan_frozen_path`): ``"auto"`` (default;
             the weight when the batch has at least ``in_features`` tokens), ``True`` (the weight
             whenever possible) or ``False`` (always the activations).
+        fused_gamma: compute the ``lsq`` sums of γ (when γ needs no gradient) in one ``torch.compile``'d
+            kernel that reads ``h'`` and ``h`` once in their own dtype with fp32 accumulation, an
+            implementation choice (equal to the eager sums within fp32 round-off). Meant for GPUs, where
+            the eager path widens both activations to fp32 copies first; on a CPU the eager path (row
+            blocks folded into cache-sized accumulators) is faster. Off by default: not yet measured on
+            a GPU here, and the first forward pays the compilation.
         pairs: the resolved source → target pairs (filled when SAN is attached; saved with the config).
     """
 
@@ -51,6 +57,7 @@ class SanConfig:
     dora_norm: str = "base"
     seed: int = 0
     weight_side_scaling: Union[bool, str] = "auto"
+    fused_gamma: bool = False
     pairs: Optional[list[tuple[str, str, str]]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +98,8 @@ class SanConfig:
                 isinstance(self.weight_side_scaling, int) and not isinstance(self.weight_side_scaling, bool)):
             raise ValueError(f"SanConfig.weight_side_scaling must be 'auto', true or false, "
                              f"got {self.weight_side_scaling!r}")
+        if not isinstance(self.fused_gamma, bool):
+            raise ValueError(f"SanConfig.fused_gamma must be a bool, got {self.fused_gamma!r}")
         if self.pairs is not None:
             try:
                 self.pairs = [(str(s), str(t), str(k)) for s, t, k in self.pairs]

@@ -5,7 +5,8 @@
 * one :class:`_ScaledFrozenLinear` for DoRA's ``x`` and ``drop(x)`` against one call per input and
   against the explicit ``F.linear`` on the scaled weight (values and gradients);
 * a whole SAN-DoRA model with dropout: the weight side (one scaled weight for both inputs) against the
-  activation side, and both pools against the reference pooling.
+  activation side, and both pools against the reference pooling;
+* ``SanConfig.fused_gamma``: the ``torch.compile``'d sums against the reference, and a whole model's γ.
 """
 import copy
 
@@ -229,3 +230,48 @@ def test_model_gamma_equals_reference_pooling(dora, monkeypatch):
     for a, b in zip(g_new, g_old):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(loss_new, loss_old, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# SanConfig.fused_gamma: the torch.compile'd lsq sums
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,mask_every", [(torch.float32, 3), (torch.float32, 0), (torch.bfloat16, 3)])
+def test_compiled_lsq_sums_equal_eager(dtype, mask_every):
+    """One compiled kernel (dynamic shapes: several N and out through the same graph) = the reference
+    sums within fp32 round-off."""
+    compiled = san_mod._lsq_sums_compiled()
+    for n, out in ((37, 16), (300, 64), (97, 40)):
+        hp, hh, w = activations(n, out, dtype, seed=n, mask_every=mask_every)
+        num, den = compiled(hp, hh, w, torch.float32)
+        ref_num, ref_den = reference_lsq_sums(hp, hh, w)
+        assert num.dtype == den.dtype == torch.float32
+        scale = ref_den.abs() + 1e-30
+        assert ((num - ref_num).abs() / scale).max() <= 2e-6
+        assert ((den - ref_den).abs() / scale).max() <= 2e-6
+
+
+def test_model_fused_gamma_equals_eager():
+    """A whole train step with fused_gamma=True records the γ (and the loss) of the eager path."""
+    base = build_tiny_llama(SPEC, seed=0)
+    results = []
+    for fused in (False, True):
+        model = _model(SanConfig(fused_gamma=fused), True, base)
+        torch.manual_seed(5)
+        loss = model(**_batch()).loss
+        results.append((loss.detach(), [layer._san.batch_gamma.detach() for layer in san_layers(model)
+                                         if layer._san.batch_gamma is not None]))
+    (l0, g0), (l1, g1) = results
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(l0, l1, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_gamma_config():
+    with pytest.raises(ValueError, match="fused_gamma"):
+        SanConfig(fused_gamma="yes")
+    cfg = SanConfig(fused_gamma=True)
+    assert SanConfig.from_dict(cfg.to_dict()).fused_gamma is True
+    d = cfg.to_dict()
+    del d["fused_gamma"]  # a folder saved before the switch existed loads with the default
+    assert SanConfig.from_dict(d).fused_gamma is False
