@@ -6,7 +6,8 @@ Reads the run's resolved ``config.yaml`` (or ``.hydra/config.yaml``), rebuilds i
 any strategy including ZeRO-3 runs) and writes a plain transformers LLaVA folder: the
 ``LlavaForConditionalGeneration`` weights plus a processor that prepares inputs as the run's data did
 (:mod:`llava_san.export_processor`: pad-to-square image preprocessing, the chat template of the run's
-conversation template). The same folder as ``python -m train ... export=true`` writes to ``<run>/merged``.
+conversation template); a LLaMA run (a causal LM) becomes a plain ``LlamaForCausalLM`` folder with its
+tokenizer. The same folder as ``python -m train ... export=true`` writes to ``<run>/merged``.
 
 The folder is written atomically (nothing is left behind on failure) and an existing non-empty out
 folder is refused unless ``--overwrite``. Bad input (not a run folder, no or damaged ``adapter/``, an
@@ -65,6 +66,7 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False) -> 
 
     from .checkpoint import export_merged_from_adapter
     from .models import build_from_config
+    from .models.llama import export_causal_lm_from_adapter, is_causal_lm
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
     cfg_file = _run_config(run)
@@ -78,8 +80,12 @@ def export_run(run: str | Path, out: str | Path, *, overwrite: bool = False) -> 
         raise ExportError(f"{cfg_file}: no model.build node; is {run} a `python -m train` run folder?")
     data = cfg.get("data") or {}
     try:
+        built = build_from_config(cfg.model)  # (model, processor or tokenizer)
+        model = built[0] if isinstance(built, tuple) else built
+        if is_causal_lm(model):  # a LLaMA run: a plain LlamaForCausalLM folder + its tokenizer
+            return export_causal_lm_from_adapter(lambda: built, adapter, None, out)
         return export_merged_from_adapter(
-            lambda: build_from_config(cfg.model), adapter, None, out, template=data.get("template", "vicuna_v1"),
+            lambda: built, adapter, None, out, template=data.get("template", "vicuna_v1"),
             image_aspect_ratio=data.get("image_aspect_ratio", "pad"))
     except (ValueError, OSError) as err:  # the loaders' own messages: damaged adapter, missing base...
         raise ExportError(f"cannot export {run}: {err}") from None

@@ -168,6 +168,14 @@ def test_export_loads_as_causal_lm_with_equal_logits(tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert (a - plain).abs().max() > 1e-3  # the adapter changed the model
 
+    # merging the finished run after the fact (python -m llava_san.export) gives the same weights
+    from llava_san.export import main as export_main
+
+    assert export_main([str(out), str(tmp_path / "exported")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, a, rtol=0, atol=0)
+
 
 def test_paper_recipe_runs_on_a_llama_folder(tmp_path, llama_folder):
     """experiment=llama7b_san_dora (the real recipe: commonsense_170k pipeline, r=32, q,k,v,up,down, SAN) through
