@@ -211,14 +211,16 @@ class LlavaSanModule(L.LightningModule):
         self._batches_in_epoch = 0  # a checkpoint taken at the epoch's end resumes at the next epoch's start
 
     def configure_callbacks(self) -> list:
-        """A :class:`~llava_san.training.throughput.Throughput` with its defaults when the trainer has none
-        (e.g. ``callbacks=none``), so the throughput counters are always logged, once."""
+        """A :class:`~llava_san.training.throughput.Throughput` when the trainer has none (e.g.
+        ``callbacks=none``), so the throughput counters are always logged, once. This one never resets
+        CUDA's process-wide peak-memory counter (``peak_memory="run"``): code around an unconfigured
+        ``Trainer`` may read it (``benchmarks/gpu_check.py`` does)."""
         from .training.throughput import Throughput
 
         trainer = self._trainer
         if trainer is not None and any(isinstance(c, Throughput) for c in trainer.callbacks):
             return []
-        return [Throughput()]
+        return [Throughput(peak_memory="run")]
 
     def configure_optimizers(self) -> dict:
         # DeepSpeed with the optimizer offloaded to the host: DeepSpeedCPUAdam (as LLaVA's zero3_offload)

@@ -7,8 +7,10 @@
 * ``train/mfu``: model FLOPs utilisation, :class:`~llava_san.training.flops.FlopModel` FLOPs of the step's
   batches / step time / the device's peak FLOP/s — when a peak is known (``peak_flops``, or on CUDA the
   card's dense bf16 peak by name, :data:`~llava_san.training.flops.PEAK_BF16`);
-* ``train/peak_mem_gb`` (CUDA): ``torch.cuda.max_memory_allocated`` during the step, GiB (2³⁰ bytes),
-  the peak reset at each step's start.
+* ``train/peak_mem_gb`` (CUDA): ``torch.cuda.max_memory_allocated`` in GiB (2³⁰ bytes): with
+  ``peak_memory="step"`` (``conf/callbacks/default.yaml``) the peak reset at each step's start, so the
+  step's own peak; with ``"run"`` never reset (the peak so far), which leaves the process-wide peak
+  counter to whoever else reads it (the fallback :meth:`LlavaSanModule.configure_callbacks` adds).
 
 The step time is the wall time from the end of the previous optimiser step to the end of this one (the
 first step of a fit or an epoch: from the start of its first micro-batch), so data loading, logging and
@@ -35,13 +37,17 @@ class Throughput(L.Callback):
         peak_flops: the device's peak FLOP/s for MFU; None: the CUDA card's dense bf16 peak by name
             (None on a CPU or an unknown card: no MFU).
         prog_bar: show the counters in the progress bar too.
+        peak_memory: ``"step"`` (reset CUDA's peak counter at each step's start) or ``"run"`` (never reset).
         clock: the wall clock (seconds); tests pass a fake one.
     """
 
-    def __init__(self, peak_flops: Optional[float] = None, prog_bar: bool = True,
+    def __init__(self, peak_flops: Optional[float] = None, prog_bar: bool = True, peak_memory: str = "step",
                  clock: Callable[[], float] = time.perf_counter) -> None:
         if peak_flops is not None and not (isinstance(peak_flops, (int, float)) and peak_flops > 0):
             raise ValueError(f"Throughput.peak_flops must be a positive number or null, got {peak_flops!r}")
+        if peak_memory not in ("step", "run"):
+            raise ValueError(f"Throughput.peak_memory must be 'step' or 'run', got {peak_memory!r}")
+        self.peak_memory = peak_memory
         self.peak_flops = None if peak_flops is None else float(peak_flops)
         self.prog_bar = bool(prog_bar)
         self.clock = clock
@@ -72,7 +78,7 @@ class Throughput(L.Callback):
             return  # inside an accumulation window
         if self._t_last is None:
             self._t_last = self.clock()
-        if pl_module.device.type == "cuda":
+        if pl_module.device.type == "cuda" and self.peak_memory == "step":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer: Any, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -5,6 +5,7 @@
   partly text-only batches: every optimiser step logs ``train/tokens_per_s`` = non-padding tokens of its
   micro-batches / step time, ``train/samples_per_s`` likewise, and ``train/mfu`` = FLOPs (written out
   here from the model's sizes) / step time / the given peak;
+* the CUDA branch (faked): the card's peak by name, peak memory per step or per run;
 * through ``python -m train``'s ``run(cfg)``: the default callbacks log the counters once per step with
   plausible values (no MFU on a CPU without a peak), and ``callbacks=none`` still logs them.
 """
@@ -45,6 +46,8 @@ def test_peak_flops_table():
     assert peak_flops("Some CPU") is None and peak_flops(None) is None
     with pytest.raises(ValueError, match="peak_flops"):
         Throughput(peak_flops=-1.0)
+    with pytest.raises(ValueError, match="peak_memory"):
+        Throughput(peak_memory="epoch")
 
 
 @pytest.mark.parametrize("arm", ["lora", "dora", "san_lora", "san_dora"])
@@ -186,6 +189,54 @@ def test_fit_without_peak_on_cpu_logs_no_mfu(tmp_path):
                                                      collate_fn=LlavaCollator(processor.tokenizer.pad_token_id)))
     assert set(throughput.last) == {"train/tokens_per_s", "train/samples_per_s"}
     assert all(v > 0 and math.isfinite(v) for v in throughput.last.values())
+
+
+class FakeCudaModule:
+    """What Throughput reads of a LightningModule, on a pretend CUDA device."""
+
+    def __init__(self, model):
+        self.model, self.device, self.logged = model, torch.device("cuda", 0), []
+
+    def log(self, name, value, **kwargs):
+        self.logged.append((name, value, kwargs))
+
+
+class FakeTrainer:
+    global_step = 0
+
+
+@pytest.mark.parametrize("peak_memory", ["step", "run"])
+def test_cuda_branch_peak_memory_and_card_peak(monkeypatch, peak_memory):
+    """On CUDA: the card's bf16 peak by name for MFU, the device synchronised before the clock is read, the
+    peak-memory counter reset at each step's start only with peak_memory="step", train/peak_mem_gb in GiB."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    model, processor = build_tiny(seed=0, **SPEC)
+    module = LlavaSanModule(lambda: (model, processor),
+                            adapter=LoraRecipe(LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_MODULE_TYPES))))
+    module.configure_model()
+    fake, trainer = FakeCudaModule(module.model), FakeTrainer()
+    now = [0.0]
+    cb = Throughput(peak_memory=peak_memory, clock=lambda: now[0])
+    cb.on_train_start(trainer, fake)
+    batch = next(iter(DataLoader(VarLenLlava(processor, n=2), batch_size=2,
+                                 collate_fn=LlavaCollator(processor.tokenizer.pad_token_id))))
+    for step in range(2):
+        cb.on_train_batch_start(trainer, fake, batch, step)
+        now[0] += 0.5
+        trainer.global_step += 1
+        cb.on_train_batch_end(trainer, fake, None, batch, step)
+    assert calls.count("sync") == 2
+    assert calls.count("reset") == (2 if peak_memory == "step" else 0)
+    logged = {name: value for name, value, _ in fake.logged}
+    flops = expected_flops(model.config, batch, 4)
+    assert logged["train/peak_mem_gb"] == 3.0
+    assert logged["train/mfu"] == pytest.approx(flops / 0.5 / 989.4e12, rel=1e-12)
+    assert logged["train/tokens_per_s"] == int(batch["attention_mask"].sum()) / 0.5
+    assert all(kw["prog_bar"] and kw["on_step"] and not kw["on_epoch"] for _, _, kw in fake.logged)
 
 
 # ----------------------------------------------------------------------------------------------
