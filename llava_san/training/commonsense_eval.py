@@ -127,24 +127,13 @@ class CommonsenseEvaluator:
 
 
 def should_evaluate(when: str, data_target: Optional[str]) -> tuple[bool, str]:
-    """``auto``: only after training on commonsense-format data (:class:`~llava_san.data.commonsense.CommonsenseDataModule`
-    or a subclass); ``always``: whatever the data."""
-    if when not in ("auto", "always"):
-        raise ValueError(f"evaluate.when must be one of ['auto', 'always'], got {when!r}")
-    if when == "always":
-        return True, "evaluate.when=always"
-    from hydra.utils import get_class
-
+    """``(score it?, why)``: ``when="auto"`` only after training on commonsense-format data
+    (:class:`~llava_san.data.commonsense.CommonsenseDataModule` or a subclass); ``"always"``: whatever the data."""
     from ..data.commonsense import CommonsenseDataModule
+    from .when import trained_on
 
-    try:
-        ok = data_target is not None and issubclass(get_class(data_target), CommonsenseDataModule)
-    except (ImportError, ValueError, TypeError):
-        ok = False
-    if ok:
-        return True, "the training data is commonsense-format"
-    return False, (f"the training data ({data_target}) is not commonsense-format; set evaluate.when=always "
-                   "to score it anyway")
+    return trained_on(when, data_target, CommonsenseDataModule, "commonsense-format",
+                      "set evaluate_commonsense.when=always to score it anyway")
 
 
 def format_report(metrics: dict[str, Any]) -> str:

@@ -177,32 +177,15 @@ class EasyVqaEvaluator:
 
 
 #: ``evaluate.when`` values: ``auto`` scores easy-vqa only after training on easy-vqa, ``always`` after any data
-WHEN = ("auto", "always")
-
-
 def should_evaluate(when: str, data_target: Optional[str]) -> tuple[bool, str]:
-    """Whether the end-of-training easy-vqa check runs, and why (for the log line).
-
-    ``when="auto"``: only when the training data is easy-vqa (``data_target``, the data config's
-    ``_target_``, is :class:`~llava_san.data.easyvqa.EasyVQADataModule` or a subclass) -- a model tuned on
-    other data is not scored on a task it never saw; ``"always"``: whatever the data.
-    """
-    if when not in WHEN:
-        raise ValueError(f"evaluate.when must be one of {list(WHEN)}, got {when!r}")
-    if when == "always":
-        return True, "evaluate.when=always"
-    from hydra.utils import get_class
-
+    """``(score easy-vqa?, why)``: ``when="auto"`` only when the training data is easy-vqa
+    (:class:`~llava_san.data.easyvqa.EasyVQADataModule` or a subclass); ``"always"``: whatever the data."""
     from ..data.easyvqa import EasyVQADataModule
+    from .when import trained_on
 
-    try:
-        is_easyvqa = data_target is not None and issubclass(get_class(data_target), EasyVQADataModule)
-    except (ImportError, ValueError, TypeError):
-        is_easyvqa = False
-    if is_easyvqa:
-        return True, "the training data is easy-vqa"
-    return False, (f"the training data ({data_target}) is not easy-vqa; set evaluate.when=always to score "
-                   "easy-vqa anyway, or evaluate the run with `python -m evaluation path=<run folder>`")
+    return trained_on(when, data_target, EasyVQADataModule, "easy-vqa",
+                      "set evaluate.when=always to score easy-vqa anyway, or evaluate the run with "
+                      "`python -m evaluation path=<run folder>`")
 
 
 def format_report(metrics: dict[str, Any]) -> str:
