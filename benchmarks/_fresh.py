@@ -48,3 +48,14 @@ def run_fresh(fn: Callable[..., Any], *args: Any) -> Any:
     start()
     with _ctx.Pool(1, maxtasksperchild=1) as pool:
         return pool.apply(fn, args)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS high-water mark (Linux ``clear_refs`` 5), so that ``ru_maxrss``
+    afterwards measures from here; False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -110,16 +110,6 @@ def step(model, opt, inputs) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS high-water mark (Linux ``clear_refs`` 5); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_alloc_mb(fn) -> float:
     """Peak of the bytes allocated through torch's CPU allocator while ``fn()`` runs, over what was
     allocated before (MB), from the profiler's memory events."""
@@ -148,7 +138,7 @@ def memory_child(args, name: str, seq_len: int) -> dict:
     model, opt = build_arm(build_base(args), args, name, copy_base=False)
     gc.collect()
     before = psutil.Process().memory_info().rss / 2**20
-    reset = _reset_peak_rss()
+    reset = _fresh.reset_peak_rss()
     for i in range(args.mem_steps):
         step(model, opt, batch(args, i, seq_len))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - before

@@ -134,16 +134,6 @@ def step(module, opt, batch, i: int) -> tuple[float, float]:
     return dt, dc
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak-RSS high-water mark (Linux ``clear_refs`` 5); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child_memory(model: str, arm: str, steps: int, log_gamma_every: Optional[int], threads: int,
                  batch_size: int) -> dict:
     """In a fresh process (:func:`_fresh.run_fresh`): peak RSS growth (MB) over the built model during
@@ -163,7 +153,7 @@ def child_memory(model: str, arm: str, steps: int, log_gamma_every: Optional[int
     batch = make_batch(module, model, 0)
     gc.collect()
     resident = psutil.Process().memory_info().rss / 2**20
-    reset = _reset_peak_rss()
+    reset = _fresh.reset_peak_rss()
     for i in range(steps):
         step(module, opt, batch, i)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
