@@ -92,15 +92,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from llava_san.training.flops import peak_flops  # noqa: E402  (the dense bf16 peak by GPU name)
+
 SECTIONS = ("env", "train", "generation", "bf16", "zero3", "zero2")  # the order they run in
 ARMS = ("lora", "dora", "san_lora", "san_dora")
 RATIOS = (("san_lora", "lora"), ("san_dora", "dora"), ("dora", "lora"))
 #: share of the time left that each section may use (fixed costs such as builds are not adaptable)
 SHARES = {"env": 0.01, "train": 0.35, "bf16": 0.1, "generation": 0.2, "zero3": 0.2, "zero2": 0.14}
-#: dense bf16 tensor-core FLOP/s by GPU name (first match wins; no sparsity)
-#: (torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" = SXM, "NVIDIA H200", "NVIDIA H100 PCIe", ...)
-PEAK_BF16 = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100 NVL", 835.0e12), ("H100", 989.4e12),
-             ("H800", 989.4e12), ("A100", 312.0e12))
 
 #: Model shapes. ``spec``: :class:`llava_san.models.tiny.TinyLlavaSpec` fields; ``vocab_rows``: the language
 #: model's embedding rows (Vicuna 32000 + ``<image>`` + ``<pad>``; None: the tokenizer's size).
@@ -365,15 +363,6 @@ def step_flops(config, *, arm: str, rank: int, dropout: float, batch: int, seq_l
     model = forward + backward
     return {"forward": float(forward), "backward": float(backward), "model": float(model),
             "hardware": float(model + decoder_fwd), "frozen_projection_params": P, "lora_params": P_lora}
-
-
-def peak_flops(name: Optional[str]) -> Optional[float]:
-    if not name:
-        return None
-    for key, value in PEAK_BF16:
-        if key in name:
-            return value
-    return None
 
 
 def gpu_name(run: Run) -> Optional[str]:
