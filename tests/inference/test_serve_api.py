@@ -13,9 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from llava_san.inference import Assistant, Turn
 
@@ -40,15 +38,6 @@ _require("uvicorn")
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    """A non-square RGB image (padding to a square matters) saved as PNG."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("serve") / "picture.png"
-    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def image(image_file):
     from llava_san.data.images import load_image

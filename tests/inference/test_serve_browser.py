@@ -9,9 +9,7 @@ import importlib
 import os
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from llava_san.inference import Assistant, Turn
 
@@ -38,14 +36,6 @@ def _require(module: str):
         return importlib.import_module(module)
     except ImportError:
         _missing(f"{module} is not installed: pip install -e '.[dev]'")
-
-
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    rng = np.random.default_rng(1)
-    path = tmp_path_factory.mktemp("browser") / "upload.png"
-    Image.fromarray(rng.integers(0, 256, (48, 36, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
