@@ -23,3 +23,7 @@ if [ -n "$extra" ]; then
 else
   $py -m pip install -q --disable-pip-version-check -e .
 fi
+# PyPI's torchvision is built against CUDA torch; beside a CPU-only torch its compiled operators cannot
+# load and its import fails unless two operator schemas are declared first (llava_san/torchvision_compat.py).
+# This adds a start-up hook that does so, where (and only where) this environment needs it.
+$py -c "from llava_san.torchvision_compat import main; main(['--install'])"

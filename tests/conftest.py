@@ -12,6 +12,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import llava_san  # noqa: E402,F401  (first: makes a CUDA-built torchvision importable beside a CPU torch)
+
 torch.set_num_threads(2)
 
 

@@ -37,7 +37,7 @@ def test_tiny_llava_forward_and_roundtrip(tmp_path):
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
-    loaded_proc = AutoProcessor.from_pretrained(tmp_path)
+    loaded_proc = AutoProcessor.from_pretrained(tmp_path, backend="pil")  # training's pixels (torchvision is installed)
     enc2 = loaded_proc(images=[img], text=[f"USER: {IMAGE_TOKEN}\nwhat color? ASSISTANT:"], return_tensors="pt")
     assert torch.equal(enc2.input_ids, enc.input_ids) and torch.equal(enc2.pixel_values, enc.pixel_values)
     assert torch.equal(loaded(**enc2).logits, logits)

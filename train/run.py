@@ -13,7 +13,8 @@ process and its dataloader workers), ``val/loss`` when the data holds out a vali
 skipped otherwise), ``always`` whatever the data; ``evaluate=null`` never. ``evaluate_commonsense``
 (``experiment=csr_tiny``) is the same hook for commonsense-format data
 (:mod:`llava_san.training.commonsense_eval`: ``test/commonsense_accuracy`` beside
-``test/commonsense_majority_baseline``). A LLaMA causal LM (``model=llama*``/``tiny_llama``) exports
+``test/commonsense_majority_baseline``); ``evaluate_classification`` (the vision experiments) scores
+top-1 on the test split (:mod:`llava_san.training.classification_eval`). A LLaMA causal LM (``model=llama*``/``tiny_llama``) exports
 ``merged/`` as a plain ``LlamaForCausalLM`` + tokenizer.
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 
 #: end-of-training checks: config key -> what it scores (the evaluator's module has should_evaluate and
 #: format_report)
-EVALUATIONS = {"evaluate": "easy-vqa test accuracy", "evaluate_commonsense": "commonsense test accuracy"}
+EVALUATIONS = {"evaluate": "easy-vqa test accuracy", "evaluate_commonsense": "commonsense test accuracy",
+               "evaluate_classification": "image classification top-1"}
 
 
 def _instantiate_all(node) -> list:
@@ -127,7 +129,8 @@ def run(cfg: DictConfig) -> dict:
     metrics: dict = {"time/train_s": time.perf_counter() - t0, "time/train_cpu_s": _cpu_seconds() - cpu0,
                      "train/global_step": trainer.global_step}
     metrics.update(recorder.metrics())
-    metrics.update(held_out_loss(trainer, module.model))
+    # a module with its own held-out metrics (image classification: val/accuracy), else the LM val/loss
+    metrics.update(module.held_out(trainer) if hasattr(module, "held_out") else held_out_loss(trainer, module.model))
     metrics.update(bad_samples.metrics(trainer))
 
     save_final_adapter(module.model, cfg.paths.adapter_dir, trainer.is_global_zero, adapter)
@@ -150,7 +153,12 @@ def run(cfg: DictConfig) -> dict:
     report = "\n".join(reports)
     if trainer.is_global_zero:
         _log_summary(trainer.loggers, metrics, trainer.global_step)
-    if cfg.get("export") and trainer.is_global_zero and module.text_only:
+    if cfg.get("export") and trainer.is_global_zero and getattr(module, "task", None) == "classification":
+        # a plain timm model (SSF/SAN-SSF/LoRA folded; MoPPA cannot fold and is refused there)
+        from llava_san.vision.backbone import export_timm
+
+        export_timm(adapter.merge(module.model), cfg.paths.merged_dir)
+    elif cfg.get("export") and trainer.is_global_zero and module.text_only:
         # a causal LM: the merged LlamaForCausalLM + its tokenizer (AutoModelForCausalLM.from_pretrained)
         if any_partitioned(module.model):
             export_causal_lm_from_adapter(module.model_factory, cfg.paths.adapter_dir, module.processor or processor,

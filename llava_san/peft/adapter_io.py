@@ -90,11 +90,13 @@ def base_model_name(model: nn.Module) -> Optional[str]:
     return (getattr(base.config, "_name_or_path", "") or getattr(base, "name_or_path", "") or None)
 
 
-def save_adapter(model: PeftModel, directory: str | os.PathLike, base_model: Optional[dict] = None) -> Path:
+def save_adapter(model: PeftModel, directory: str | os.PathLike, base_model: Optional[dict] = None,
+                 vision: Optional[str] = None) -> Path:
     """Write the adapter of ``model`` (peft + SAN + other trainable modules) to ``directory``, atomically.
 
     ``base_model``: how the base was built (a run's ``model.build`` config), recorded in the manifest
-    and the model card. Returns the folder. Under data parallelism call
+    and the model card. ``vision``: the SSF method on the vision tower (``ssf``/``san_ssf``), recorded
+    so :func:`load_adapter` adds the same sites before copying their vectors. Returns the folder. Under data parallelism call
     :func:`llava_san.peft.sync_gamma_ema` on every rank first, then this on rank 0.
     """
     if not isinstance(model, PeftModel):
@@ -128,6 +130,8 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike, base_model: Opt
         "base_model_name_or_path": lora_cfg.base_model_name_or_path,
         "base_model": _plain(base_model),
     }
+    if vision is not None:
+        manifest["vision"] = vision
     with atomic_dir(directory) as tmp:
         peft_sd = dict(get_peft_model_state_dict(model))
         if whole:
@@ -320,6 +324,10 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, is_trainab
     extra_file = manifest.get("files", {}).get("extra", EXTRA)
     extra_sd = _load_tensors(directory / EXTRA) if manifest.get("extra_trainable") and extra_file == EXTRA else {}
     model = get_san_model(base_model, lora_config, san_config)
+    if manifest.get("vision"):  # SSF on the vision tower: the same sites, before their vectors are copied
+        from ..vision.ssf import SsfConfig, apply_ssf
+
+        apply_ssf(model.get_base_model(), SsfConfig(method=manifest["vision"]))
     _check_shapes(directory / PEFT_WEIGHTS, peft_sd,
                   {k: v.shape for k, v in get_peft_model_state_dict(model).items()})
     set_peft_model_state_dict(model, peft_sd)

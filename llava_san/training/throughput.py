@@ -114,6 +114,9 @@ class Throughput(L.Callback):
 
     def _count(self, batch: Any) -> dict[str, Any]:
         """Samples, non-padding tokens (0-d tensor) and the FLOP-relevant sizes of one micro-batch."""
+        if "input_ids" not in batch:  # image classification: samples only (no text tokens)
+            n = int(batch["labels"].shape[0])
+            return {"batch": n, "seq_len": 0, "n_answer": torch.tensor(0), "n_images": n, "tokens": torch.tensor(0)}
         ids = batch["input_ids"]  # (B, T)
         mask = batch.get("attention_mask")
         tokens = mask.sum() if mask is not None else torch.tensor(ids.numel())

@@ -93,7 +93,9 @@ def test_export_true_folder_reads_as_training(trained_run, questions):
 
     out = trained_run / "merged"
     assert (out / "chat_template.jinja").is_file()
-    hf_proc = AutoProcessor.from_pretrained(out)
+    # torchvision is installed (timm needs it), so AutoProcessor would pick the torchvision image processor
+    # whose bicubic resize differs slightly: backend="pil" is training's pixels (README "Export")
+    hf_proc = AutoProcessor.from_pretrained(out, backend="pil")
     hf_model = LlavaForConditionalGeneration.from_pretrained(out).eval()
     ours = load_model(path=out, device="cpu")  # python -m evaluation's loader
     enc = {mode: PromptEncoder(ours.processor, "vicuna_v1", mode, "pad") for mode in ("processor", "llava")}
@@ -121,7 +123,7 @@ def test_export_true_folder_reads_as_training(trained_run, questions):
     assert hf_ids == loop_ids  # (c)
     assert len({tuple(x) for x in loop_ids}) > 1  # the answers depend on the question/image
 
-    pipe = pipeline("image-text-to-text", model=str(out))
+    pipe = pipeline("image-text-to-text", model=str(out), processor=hf_proc)
     for (question, path), ids in zip(questions, loop_ids):  # (d)
         got = pipe(text=_messages(question, str(path)), return_full_text=False,
                    generate_kwargs={"do_sample": False, "max_new_tokens": MAX_NEW})
@@ -132,7 +134,7 @@ def test_export_true_folder_reads_as_training(trained_run, questions):
 def _logits(model, processor_folder):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    proc = AutoProcessor.from_pretrained(processor_folder)
+    proc = AutoProcessor.from_pretrained(processor_folder, backend="pil")
     img = Image.new("RGB", (60, 40), (200, 30, 30))
     prompt = proc.apply_chat_template(_messages("What shape?"), add_generation_prompt=True, tokenize=False)
     batch = proc(images=img, text=prompt, return_tensors="pt")

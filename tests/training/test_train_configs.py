@@ -22,7 +22,14 @@ def _has_data(name):
     return (CONF / "data" / f"{name}.yaml").exists()
 
 
-@pytest.mark.parametrize("option", _options("model"))
+#: the image classification configs (llava_san/vision): their own tests below
+VISION_MODELS = ("tiny_vit", "vit_b16")
+VISION_PEFT = {"linear_probe": "LinearProbe", "ssf": "SsfRecipe", "san_ssf": "SsfRecipe", "moppa": "MoppaRecipe",
+               "vit_lora": "VitLoraRecipe"}
+VISION_EXPERIMENTS = ("vision_digits", "vit_b16_vtab_san_ssf", "vit_b16_vtab_ssf")
+
+
+@pytest.mark.parametrize("option", [o for o in _options("model") if o not in VISION_MODELS])
 def test_model_config(option):
     cfg = _compose(f"model={option}", "data=synthetic")
     build = instantiate(cfg.model.build)  # a partial: nothing is loaded
@@ -39,7 +46,7 @@ def test_model_config(option):
         assert cfg.model.train_projector is False
 
 
-@pytest.mark.parametrize("option", _options("peft"))
+@pytest.mark.parametrize("option", [o for o in _options("peft") if o not in VISION_PEFT])
 def test_peft_config(option):
     from peft import LoraConfig
 
@@ -137,7 +144,8 @@ def test_experiment_config(option):
     assert cfg.trainer.max_epochs == 1 and cfg.trainer.precision == "bf16-mixed"
 
 
-@pytest.mark.parametrize("option", [o for o in _options("experiment") if not o.startswith("llava")])
+@pytest.mark.parametrize("option", [o for o in _options("experiment")
+                                    if not o.startswith("llava") and o not in VISION_EXPERIMENTS])
 def test_llama_experiment_config(option):
     """The LLaMA recipes (conf/experiment/llama*.yaml, csr_tiny.yaml) compose and their nodes instantiate:
     a LLaMA model config, commonsense-format data, LoRA/DoRA r=32 on q,k,v,up,down (Table 6: q,up,down)."""
@@ -184,3 +192,49 @@ def test_model_processor_targets_are_the_builders():
         assert cfg.model.processor._target_ == f"llava_san.models.{target}"
         build_keys = set(cfg.model.build) - {"_target_", "_partial_"}
         assert set(cfg.model.processor) - {"_target_"} <= build_keys  # every processor argument comes from build
+
+
+def test_every_config_is_covered():
+    """A new vision YAML is added to the lists above (and so composed by a test)."""
+    assert set(VISION_MODELS) <= set(_options("model")) and set(VISION_PEFT) <= set(_options("peft"))
+    assert set(VISION_EXPERIMENTS) == {o for o in _options("experiment")
+                                       if o.startswith(("vision_", "vit_"))}
+
+
+@pytest.mark.parametrize("option", VISION_MODELS)
+def test_vision_model_config(option):
+    cfg = _compose(f"model={option}", "data=digits", "peft=linear_probe")
+    build = instantiate(cfg.model.build)
+    assert callable(build) and cfg.model.recipe.lr > 0 and cfg.model.train_projector is False
+    transform = instantiate(cfg.model.processor)
+    assert transform.size == (32 if option == "tiny_vit" else 224) and tuple(transform.mean) == (0.5, 0.5, 0.5)
+    if option == "tiny_vit":
+        model = build()
+        assert type(model).__name__ == "VisionTransformer" and model.num_classes == 10
+
+
+@pytest.mark.parametrize("option", sorted(VISION_PEFT))
+def test_vision_peft_config(option):
+    cfg = _compose("model=tiny_vit", "data=digits", f"peft={option}")
+    recipe = instantiate(cfg.peft)
+    assert type(recipe).__name__ == VISION_PEFT[option]
+    if option in ("ssf", "san_ssf"):
+        assert recipe.config.method == option and recipe.config.init == "exact" and recipe.config.mode == "paper"
+    assert recipe.describe()["adapter"]["kind"] == recipe.kind
+
+
+@pytest.mark.parametrize("option", VISION_EXPERIMENTS)
+def test_vision_experiment_config(option):
+    """The vision experiments compose; the VTAB recipes take the task's row of their table."""
+    extra = [] if option == "vision_digits" else ["data.root=/vtab-1k", "data.task=smallnorb_azi"]
+    cfg = _compose(f"experiment={option}", *extra)
+    assert cfg.module._target_ == "llava_san.vision.module.ImageClassifierModule" and cfg.evaluate is None
+    assert cfg.evaluate_classification.data.source == cfg.data.source
+    recipe = instantiate(cfg.peft)
+    if option == "vision_digits":
+        assert cfg.data.source == "digits" and cfg.model.build._target_.endswith("build_tiny_vit")
+        return
+    san = option.endswith("san_ssf")
+    assert recipe.config.method == ("san_ssf" if san else "ssf") and cfg.data.num_classes == 18
+    assert (cfg.optim.lr, cfg.model.build.drop_path_rate) == ((1.5e-2, 0.05) if san else (2e-2, 0.0))
+    assert cfg.optim.weight_decay == 5e-5 and cfg.trainer.max_epochs == 100 and cfg.data.batch_size == 64

@@ -56,6 +56,12 @@ class AdapterRecipe:
         raise NotImplementedError
 
     @classmethod
+    def check(cls, model: nn.Module, folder: str | os.PathLike) -> None:
+        """Raise ``ValueError`` when ``folder`` was trained on another base than ``model`` (the default:
+        the LLaVA/LLaMA fingerprint of :func:`~llava_san.peft.adapter_io.check_compatible`)."""
+        check_compatible(model, folder)
+
+    @classmethod
     def merge(cls, model: nn.Module) -> nn.Module:
         """The plain transformers model computing ``model``'s eval output (``model`` may be consumed).
         The default: ``model`` itself (nothing to fold)."""
@@ -90,8 +96,8 @@ def apply_adapter_folder(model: nn.Module, directory: str | os.PathLike, merge: 
             f"adapter folder {directory} has no {MANIFEST}: it is incomplete or was not written by llava-san "
             f"(its files: {sorted(p.name for p in directory.iterdir()) if directory.is_dir() else 'none'}); "
             "nothing is loaded from it")
-    check_compatible(model, directory)
     recipe = recipe_for_folder(directory)
+    recipe.check(model, directory)
     loaded = recipe.load(model, directory)
     return recipe.merge(loaded) if merge else loaded
 
