@@ -252,7 +252,9 @@ def test_clear_errors(eval_root, tiny, tmp_path):
         load_model(path=tmp_path / "imgs")
 
 
-@pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")))
+# the image classifiers (tiny_vit, vit_b16) are scored by python -m train and evaluation.vtab_report, not here
+@pytest.mark.parametrize("model", sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")
+                                         if p.stem not in ("tiny_vit", "vit_b16")))
 def test_eval_config_composes_with_every_model(model, tmp_path):
     from hydra.utils import instantiate
 
