@@ -24,6 +24,17 @@ from torch import nn
 from .base import AdapterRecipe
 
 
+def _settings_object(value: Any, fields: dict[str, Any], cls: type, owner: str) -> Any:
+    """``value`` (a ``cls`` instance), or ``cls(**fields)`` when ``value`` is None (a folder's settings)."""
+    if value is None:
+        value = cls(**fields)
+    elif fields:
+        raise TypeError(f"give {owner} either a {cls.__name__} or its fields, not both")
+    if not isinstance(value, cls):
+        raise TypeError(f"{owner} needs a {cls.__name__}, got {type(value).__name__}")
+    return value
+
+
 def classifier_head(model: nn.Module) -> nn.Module:
     """The classification head of a timm model (``get_classifier()``)."""
     get = getattr(model, "get_classifier", None)
@@ -133,13 +144,7 @@ class SsfRecipe(VisionRecipe):
     def __init__(self, ssf: Any = None, **fields: Any) -> None:
         from ...vision.ssf import SsfConfig
 
-        if ssf is None:
-            ssf = SsfConfig(**fields)
-        elif fields:
-            raise TypeError("give SsfRecipe either an SsfConfig or its fields, not both")
-        if not isinstance(ssf, SsfConfig):
-            raise TypeError(f"SsfRecipe needs an SsfConfig, got {type(ssf).__name__}")
-        self.config = ssf
+        self.config = _settings_object(ssf, fields, SsfConfig, "SsfRecipe")
 
     def settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
@@ -180,13 +185,7 @@ class MoppaRecipe(VisionRecipe):
     def __init__(self, moppa: Any = None, **fields: Any) -> None:
         from ...vision.moppa import MoppaConfig
 
-        if moppa is None:
-            moppa = MoppaConfig(**fields)
-        elif fields:
-            raise TypeError("give MoppaRecipe either a MoppaConfig or its fields, not both")
-        if not isinstance(moppa, MoppaConfig):
-            raise TypeError(f"MoppaRecipe needs a MoppaConfig, got {type(moppa).__name__}")
-        self.config = moppa
+        self.config = _settings_object(moppa, fields, MoppaConfig, "MoppaRecipe")
 
     def settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
