@@ -30,16 +30,18 @@ def build_timm_classifier(architecture: str, num_classes: int, checkpoint: Optio
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"model.build.checkpoint={checkpoint} does not exist (a timm .safetensors, "
                                 ".bin, .pth or .npz file of {architecture})")
-    if seed is not None:
-        torch.manual_seed(int(seed))
     overlay = {"file": str(checkpoint)} if checkpoint is not None else None
-    try:
-        model = timm.create_model(architecture, pretrained=bool(checkpoint) or pretrained, num_classes=int(num_classes),
-                                  pretrained_cfg_overlay=overlay, **model_kwargs)
-    except RuntimeError as e:  # a state dict of another architecture
-        if checkpoint is None:
-            raise
-        raise ValueError(f"{checkpoint} does not fit {architecture}: {e}") from None
+    # the weights' seed must not reseed the process: the run's seed (data order) stays where it was
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        try:
+            model = timm.create_model(architecture, pretrained=bool(checkpoint) or pretrained,
+                                      num_classes=int(num_classes), pretrained_cfg_overlay=overlay, **model_kwargs)
+        except RuntimeError as e:  # a state dict of another architecture
+            if checkpoint is None:
+                raise
+            raise ValueError(f"{checkpoint} does not fit {architecture}: {e}") from None
     return model
 
 

@@ -177,3 +177,16 @@ def test_cli_writes_metrics(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["train/global_step"] == 6 and metrics["test/n"] == 100
     assert "test top-1 (100 images)" in done.stdout
+
+
+def test_the_run_seed_moves_the_data_order_not_the_backbone(tmp_path):
+    """The backbone's own seed (model.build.seed) must not reseed the process: two run seeds train on
+    different batch orders (different first losses) from the same frozen backbone."""
+    from train.run import run
+
+    first = {s: run(_compose(tmp_path / f"s{s}", "peft=linear_probe", f"seed={s}", "trainer.max_steps=2"))
+             for s in (0, 1)}
+    assert first[0]["train/loss_first"] != first[1]["train/loss_first"]
+    cfg = _compose(tmp_path, "peft=linear_probe")
+    a, b = _fresh_backbone(cfg), _fresh_backbone(cfg)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
