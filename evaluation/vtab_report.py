@@ -58,7 +58,8 @@ def collect(folders: Sequence[str | Path]) -> dict[str, dict[str, float]]:
             run = metrics_file.parent
             config_file = run / "config.yaml"
             if not config_file.is_file():
-                raise FileNotFoundError(f"{run}: metrics.json without config.yaml; not a python -m train run folder")
+                raise FileNotFoundError(f"{run}: metrics.json without config.yaml; "
+                                        "not a python -m train run folder")
             config = yaml.safe_load(config_file.read_text())
             task = (config.get("data") or {}).get("task")
             if (config.get("data") or {}).get("source") != "vtab" or task not in TASKS:
@@ -97,7 +98,7 @@ def markdown(ours: dict[str, dict[str, float]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = {**PAPER_ROWS, **{f"{m} (ours)": r for m, r in sorted(ours.items())}}
     for name, row in rows.items():
-        s = summarise(row if name.endswith("(ours)") else row)
+        s = summarise(row)
         lines.append("| " + " | ".join([name, *(_cell(row.get(t)) for t in tasks),
                                         *(_cell(s[g]) for g in VTAB_GROUPS),
                                         _cell(s["mean_of_tasks"]), _cell(s["mean_of_groups"])]) + " |")
@@ -105,7 +106,8 @@ def markdown(ours: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.vtab_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evaluation.vtab_report",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("folders", nargs="+", help="run folders or multirun folders")
     parser.add_argument("--output", help="also write the table (and a JSON twin, .json) here")
     args = parser.parse_args(argv)
