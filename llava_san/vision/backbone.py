@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-import llava_san  # noqa: F401  (installs the torchvision import hook before timm imports torchvision)
+# (importing this module imports llava_san first, whose __init__ installs the torchvision import hook)
 
 
 def build_timm_classifier(architecture: str, num_classes: int, checkpoint: Optional[str] = None,
