@@ -158,21 +158,27 @@ def prepare_csr_tiny(cache_dir: str | os.PathLike, n_train: int = 4000, n_test: 
     """Write ``train.json`` (seed ``seed``) and ``test.json`` (seed ``seed + 1``) into ``cache_dir`` if
     absent or made with other sizes/seed (atomically; ``meta.json`` records how they were made)."""
     from ..utils.atomic import atomic_file
+    from ..utils.cache_lock import cache_lock
 
     train, test = csr_tiny_paths(cache_dir)
     meta_file = Path(cache_dir) / "meta.json"
     meta = {"n_train": int(n_train), "n_test": int(n_test), "seed": int(seed), "version": 1}
-    try:
-        if json.loads(meta_file.read_text()) == meta and train.is_file() and test.is_file():
+    def ready() -> bool:
+        try:
+            return json.loads(meta_file.read_text()) == meta and train.is_file() and test.is_file()
+        except (OSError, ValueError):
+            return False
+
+    if ready():
+        return train, test
+    with cache_lock(cache_dir):  # runs started together: one writes, the others wait and reuse
+        if ready():
             return train, test
-    except (OSError, ValueError):
-        pass
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    for path, records in ((train, generate_records(n_train, seed)), (test, generate_records(n_test, seed + 1))):
-        with atomic_file(path) as f:
-            json.dump(records, f, indent=1)
-    with atomic_file(meta_file) as f:
-        json.dump(meta, f)
+        for path, records in ((train, generate_records(n_train, seed)), (test, generate_records(n_test, seed + 1))):
+            with atomic_file(path) as f:
+                json.dump(records, f, indent=1)
+        with atomic_file(meta_file) as f:
+            json.dump(meta, f)
     return train, test
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 from ..utils.atomic import atomic_file
+from ..utils.cache_lock import cache_lock
 from .datamodule import LlavaDataModule
 
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
@@ -153,13 +154,22 @@ def _manifest_ok(paths: EasyVQAPaths) -> bool:
 def prepare_easyvqa(cache_dir: str, force: bool = False) -> EasyVQAPaths:
     """Write the easy-vqa records / question / answer files into ``cache_dir`` (reuses existing ones).
 
-    Safe to call from several processes at once (every file is written to a temporary name and
-    renamed; the manifest is renamed last). Returns the paths, including the image folder.
+    Safe to call from several processes at once: one prepares under
+    :func:`~llava_san.utils.cache_lock.cache_lock` while the others wait and then reuse its files (every
+    file is written to a temporary name and renamed; the manifest is renamed last). Returns the paths,
+    including the image folder.
     """
     paths = easyvqa_paths(cache_dir)
     if not force and _manifest_ok(paths):
         return paths
-    os.makedirs(paths.cache_dir, exist_ok=True)
+    with cache_lock(paths.cache_dir):
+        if not force and _manifest_ok(paths):  # another process prepared it while this one waited
+            return paths
+        return _write_easyvqa(paths)
+
+
+def _write_easyvqa(paths: EasyVQAPaths) -> EasyVQAPaths:
+    """Write every file of :func:`prepare_easyvqa` (the caller holds the cache lock)."""
     records = train_records()
     rows, truth = test_questions()
     _atomic_write(paths.train_records, lambda f: json.dump(records, f, ensure_ascii=False, indent=1))
