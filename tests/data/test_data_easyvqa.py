@@ -19,7 +19,8 @@ def cache(tmp_path_factory):
 
 def test_files_and_formats(cache):
     d, paths = cache
-    assert sorted(os.listdir(d)) == ["manifest.json", "test_answers.json", "test_questions.jsonl",
+    # .lock: the cache lock (llava_san/utils/cache_lock.py), an empty file
+    assert sorted(os.listdir(d)) == [".lock", "manifest.json", "test_answers.json", "test_questions.jsonl",
                                      "train.json"]
     records = json.loads(open(paths.train_records, encoding="utf-8").read())
     assert len(records) == 38575
