@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..utils.atomic import atomic_dir
@@ -77,31 +77,18 @@ def read_vision_manifest(folder: str | os.PathLike, kinds: tuple[str, ...]) -> d
 
 def load_vision_tensors(model: nn.Module, folder: str | os.PathLike, manifest: dict[str, Any]) -> nn.Module:
     """Copy the folder's tensors into ``model`` (already adapted by the same recipe), in place. Every
-    tensor is checked (present, listed, same shape as the model's, finite) before any is copied."""
+    tensor is checked (readable and finite, listed in the manifest, present in the model with the same
+    shape) before any is copied: the checks of the LLaVA adapter folders
+    (:func:`~llava_san.peft.adapter_io._load_tensors`, :func:`~llava_san.peft.adapter_io._copy_into`)."""
+    from ..peft.adapter_io import _copy_into, _load_tensors
+
     path = Path(folder) / WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; the adapter folder {folder} is incomplete")
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises its own types for truncated files
-        raise ValueError(f"{path} cannot be read as safetensors ({e}); the adapter file is damaged") from None
+    tensors = _load_tensors(path)
     listed = manifest["tensors"]
     if set(tensors) != set(listed):
         raise ValueError(f"{path} holds other tensors than its manifest lists "
                          f"(missing {sorted(set(listed) - set(tensors))[:3]}, extra {sorted(set(tensors) - set(listed))[:3]})")
-    own = dict(model.named_parameters())
-    unknown = sorted(n for n in tensors if n not in own)
-    if unknown:
-        raise ValueError(f"{path}: tensors this model does not have: {unknown[:3]} ({len(unknown)}); was it "
-                         "adapted with the folder's settings?")
-    for n, t in tensors.items():
-        if tuple(t.shape) != tuple(own[n].shape):
-            raise ValueError(f"{path}: {n} has shape {tuple(t.shape)}, the model has {tuple(own[n].shape)}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{path}: tensor {n} holds NaN or inf; the adapter is damaged and is not loaded")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            own[n].copy_(t)
+    _copy_into(model, tensors, sorted(tensors), path)
     return model
 
 

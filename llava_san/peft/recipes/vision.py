@@ -133,7 +133,19 @@ class LinearProbe(VisionRecipe):
         return "LinearProbe()"
 
 
-class SsfRecipe(VisionRecipe):
+class _ConfiguredRecipe(VisionRecipe):
+    """A vision recipe whose settings are one dataclass, ``self.config`` (SSF's, MoPPA's)."""
+
+    config: Any
+
+    def settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+class SsfRecipe(_ConfiguredRecipe):
     """SSF or SAN-SSF (:class:`llava_san.vision.ssf.SsfConfig`): per-channel scale and shift after the
     frozen layers, with SAN's propagation of each scale into the next layer's input columns
     (``method: san_ssf``); folds into plain weights after training (:meth:`merge`)."""
@@ -145,9 +157,6 @@ class SsfRecipe(VisionRecipe):
         from ...vision.ssf import SsfConfig
 
         self.config = _settings_object(ssf, fields, SsfConfig, "SsfRecipe")
-
-    def settings(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.config)
 
     def adapt(self, model: nn.Module) -> nn.Module:
         from ...vision.ssf import apply_ssf
@@ -170,11 +179,8 @@ class SsfRecipe(VisionRecipe):
 
         return ssf_statistics(model)
 
-    def __repr__(self) -> str:
-        return f"SsfRecipe({self.config!r})"
 
-
-class MoppaRecipe(VisionRecipe):
+class MoppaRecipe(_ConfiguredRecipe):
     """MoPPA (:class:`llava_san.vision.moppa.MoppaConfig`): a DCT-domain mixture of heat, wave and
     Poisson priors before each block's attention, with its route balance loss. It does not fold into
     the weights (the filter mixes tokens): the merged model is the adapted one."""
@@ -186,9 +192,6 @@ class MoppaRecipe(VisionRecipe):
         from ...vision.moppa import MoppaConfig
 
         self.config = _settings_object(moppa, fields, MoppaConfig, "MoppaRecipe")
-
-    def settings(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.config)
 
     def adapt(self, model: nn.Module) -> nn.Module:
         from ...vision.moppa import apply_moppa
@@ -209,9 +212,6 @@ class MoppaRecipe(VisionRecipe):
         from ...vision.moppa import no_weight_decay_names
 
         return super().no_decay(model) | set(no_weight_decay_names(model))
-
-    def __repr__(self) -> str:
-        return f"MoppaRecipe({self.config!r})"
 
 
 class VitLoraRecipe(VisionRecipe):
