@@ -7,7 +7,7 @@ Each run folder is a ``python -m train experiment=vit_b16_vtab_<method> data.tas
 recursively, so a multirun folder (``-m data.task=cifar,caltech101,...``) works as it is. Two runs of the
 same method and task are refused (say which one to report by passing folders).
 
-Averages, as VISION_SPEC §6 asks: "mean of 19" over the tasks present, and "mean of groups", the mean
+Averages (the VTAB-1k protocol): "mean of 19" over the tasks present, and "mean of groups", the mean
 of the Natural / Specialized / Structured means (the paper's "Mean Acc."). A group with a missing task
 has no mean (shown as ``-``), and neither has the mean of groups then.
 """
@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 from llava_san.vision.data import VTAB_GROUPS
 
-#: top-1 % of ViT-B/16 IN-21k per VTAB-1k task (the SAN paper's per-task table; VISION_SPEC §7)
+#: top-1 % of ViT-B/16 IN-21k per VTAB-1k task (the SAN paper's per-task table)
 PAPER_ROWS: dict[str, dict[str, float]] = {
     "SSF (paper)": {
         "cifar": 69.0, "caltech101": 92.6, "oxford_flowers102": 99.4, "oxford_iiit_pet": 91.8, "dtd": 75.1,
