@@ -31,7 +31,11 @@ length ``--seq`` (or the first of ``--seq-lens`` when it is not among them); ``b
 length. CPU timings on shared machines vary 10-15 %: set ``OMP_WAIT_POLICY=PASSIVE``, read the paired
 ratios, and take >= 30 repeats for a few-percent effect.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/san_overhead.py --seq-lens 162 512 2048 --repeats 30 --threads 1
+With ``--out FILE`` the JSON is also written to ``FILE`` (atomically) after every length, marked
+``"complete": false`` until the merged check has run, so a long run that is stopped keeps what it measured.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/san_overhead.py --batch 1 --seq-lens 162 512 2048 --repeats 30 \
+        --threads 1 --profile --out benchmarks/results_san_overhead_by_len.json   # 162/512/2048 tokens per step
     python benchmarks/san_overhead.py --smoke        # seconds: small model, two short lengths (the smoke test)
 """
 from __future__ import annotations
@@ -63,6 +67,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 from llava_san.peft import SanConfig, get_san_model, merge_san  # noqa: E402
+from llava_san.utils.atomic import atomic_file  # noqa: E402
 
 ARMS = {
     "lora": (False, None),
@@ -294,6 +299,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--profile", action="store_true", help="attribute step time to SAN's own operators")
     p.add_argument("--smoke", action="store_true", help="smallest settings, for the test (seconds)")
+    p.add_argument("--out", default=None, help="also write the JSON here, after every length (partial until done)")
     args = p.parse_args()
     if args.smoke:
         for k, v in SMOKE.items():
@@ -307,20 +313,32 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     arms = {name: build_arm(base, args, name) for name in ARMS}
     _fresh.wait_ready()  # the fork server's imports are done before anything is timed
-    by_len = {str(n): bench_length(arms, args, n) for n in args.seq_lens}
     default_len = args.seq if args.seq in args.seq_lens else args.seq_lens[0]
+    result = {"config": vars(args), "params": n_params, "default_seq_len": default_len, "complete": False,
+              "by_seq_len": {}}
+    for n in args.seq_lens:
+        result["by_seq_len"][str(n)] = bench_length(arms, args, n)
+        write_partial(args.out, result)
     merged, merged_vs_base = bench_merged(arms, base, args, default_len)
+    del arms
+    by_len = result.pop("by_seq_len")
     for n, entry in merged.items():
         by_len[n]["merged"] = entry
-    del arms
-
-    result = {"config": vars(args), "params": n_params, "default_seq_len": default_len}
     top = by_len[str(default_len)]
     for key in (*ARMS, *(f"{s}_vs_{b}" for s, b in PAIRS)):
         result[key] = top[key]
     result["merged_vs_base"] = merged_vs_base
     result["by_seq_len"] = by_len
+    result["complete"] = True
+    write_partial(args.out, result)
     print(json.dumps(result, indent=2))
+
+
+def write_partial(path, result: dict) -> None:
+    """Write ``result`` to ``path`` atomically (nothing when ``path`` is None)."""
+    if path:
+        with atomic_file(path) as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

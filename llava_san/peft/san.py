@@ -164,8 +164,9 @@ def _lsq_sums_blocked(
     """``Σ_n w_n h'_n ⊙ h_n`` and ``Σ_n w_n h_n ⊙ h_n`` (``(out,)`` each, in ``acc``) without an ``(N, out)``
     temporary (CPU, no autograd).
 
-    The rows are folded into two ``(rows, out)`` accumulators, ``rows`` block by block (``addcmul_`` in
-    ``acc``: bf16 inputs are widened element by element, products are exact), and the accumulators are
+    The rows are folded into two ``(rows, out)`` accumulators, ``rows`` block by block (the first block
+    written, the others added with ``addcmul_``, in ``acc``: bf16 inputs are widened element by element,
+    products are exact), and the accumulators are
     summed over their rows at the end. The activations are read once from memory and the accumulators
     stay in cache, where the plain ``(h' ⊙ h).sum(0)`` writes and re-reads two activation-sized products
     (and faults in their fresh pages). Equal to it up to the order of the fp32 additions.
@@ -179,22 +180,33 @@ def _lsq_sums_blocked(
         zero = hh.new_zeros(out, dtype=acc)
         return zero, zero.clone()
     rows = min(n, max(_LSQ_MIN_ROWS, _LSQ_BLOCK_BYTES // (2 * out * torch.finfo(acc).bits // 8)))
-    accs = _scratch("lsq_acc", 2 * rows * out, acc, hh.device).view(2, rows, out).zero_()
+    # the first block writes the accumulators (0 + a·b == a·b exactly, so no zero fill is needed); the
+    # others add into them. Only the last block can be shorter, so every accumulator row is written.
+    accs = _scratch("lsq_acc", 2 * rows * out, acc, hh.device).view(2, rows, out)
     num_acc, den_acc = accs[0], accs[1]
     tmp = None if weights is None else _scratch("lsq_masked", rows * out, acc, hh.device).view(rows, out)
     blocks = zip(hp.split(rows), hh.split(rows), weights.split(rows) if weights is not None else repeat(None))
-    for a, b, w in blocks:  # (m, out), (m, out), (m, 1) or None; m = rows but in the last block
+    for i, (a, b, w) in enumerate(blocks):  # (m, out), (m, out), (m, 1) or None; m = rows but in the last block
         m = a.shape[0]
         na, da = (num_acc, den_acc) if m == rows else (num_acc[:m], den_acc[:m])
-        if w is not None:
-            b_w = torch.mul(b, w, out=tmp if m == rows else tmp[:m])  # padded rows -> 0
+        b_w = b if w is None else torch.mul(b, w, out=tmp if m == rows else tmp[:m])  # padded rows -> 0
+        if i == 0:
+            _mul_into(na, a, b_w)
+            _mul_into(da, b_w, b)
+        else:
             na.addcmul_(a, b_w)
             da.addcmul_(b_w, b)
-        else:
-            na.addcmul_(a, b)
-            da.addcmul_(b, b)
     sums = accs.sum(1)  # (2, out)
     return sums[0], sums[1]
+
+
+def _mul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a ⊙ b`` computed in ``out``'s dtype (as ``addcmul_`` into zeros would: bf16 factors are widened
+    before the product, not rounded to bf16 after it)."""
+    if a.dtype == out.dtype and b.dtype == out.dtype:
+        torch.mul(a, b, out=out)
+    else:
+        out.copy_(a).mul_(b)
 
 
 def _lsq_sums_eager(

@@ -21,13 +21,17 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_san_overhead_smoke():
+def test_san_overhead_smoke(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE",
                CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "san_overhead.py"), "--smoke", "--profile"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    out = tmp_path / "results" / "overhead.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "san_overhead.py"), "--smoke", "--profile",
+                           "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads(proc.stdout)
+    # --out holds the same finished result (it was rewritten after each length, then completed)
+    assert res["complete"] is True and json.loads(out.read_text()) == res
+    assert [p.name for p in out.parent.iterdir()] == ["overhead.json"]  # no temporary left behind
     lens = res["config"]["seq_lens"]
     assert lens == [16, 32] and res["default_seq_len"] == 32 and res["params"] > 0
     assert set(res["by_seq_len"]) == {"16", "32"}

@@ -86,6 +86,34 @@ def test_blocked_lsq_sums_small_blocks_and_reused_scratch(monkeypatch):
         torch.testing.assert_close(den, ref[1], rtol=1e-12, atol=1e-12)
 
 
+def zero_filled_block_sums(hp, hh, weights, rows):
+    """The same row-block fold with zero-filled accumulators and ``addcmul_`` for every block."""
+    acc = torch.promote_types(hh.dtype, torch.float32)
+    num_acc, den_acc = torch.zeros(rows, hh.shape[1], dtype=acc), torch.zeros(rows, hh.shape[1], dtype=acc)
+    for start in range(0, hh.shape[0], rows):
+        a, b = hp[start:start + rows], hh[start:start + rows]
+        m = a.shape[0]
+        b_w = b if weights is None else b * weights[start:start + m]
+        num_acc[:m].addcmul_(a, b_w)
+        den_acc[:m].addcmul_(b_w, b)
+    return num_acc.sum(0), den_acc.sum(0)
+
+
+@pytest.mark.parametrize("n,out", [(300, 64), (162, 512), (97, 1408), (5, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_every", [0, 3])
+def test_first_block_written_not_added_is_bit_identical(n, out, dtype, mask_every):
+    """The first block is written into the accumulators instead of added to zeros: bit for bit the same
+    sums (0 + a·b == a·b, bf16 factors widened before the product), whatever the scratch held before."""
+    hp, hh, weights = activations(n, out, dtype, seed=7, mask_every=mask_every)
+    acc = torch.promote_types(dtype, torch.float32)
+    rows = min(n, max(san_mod._LSQ_MIN_ROWS, san_mod._LSQ_BLOCK_BYTES // (2 * out * torch.finfo(acc).bits // 8)))
+    san_mod._scratch("lsq_acc", 2 * rows * out, acc, hh.device).fill_(float("nan"))  # stale contents
+    num, den = _lsq_sums_blocked(hp, hh, weights, acc)
+    ref_num, ref_den = zero_filled_block_sums(hp, hh, weights, rows)
+    assert torch.equal(num, ref_num) and torch.equal(den, ref_den)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_raw_gamma_no_grad_equals_reference_and_grad_path(dtype):
     """γ of the no-grad CPU path = the previous computation = the autograd (vecdot) path, with padding."""
