@@ -57,6 +57,8 @@ class LlavaDataModule(L.LightningDataModule):
         image_aspect_ratio: ``"pad"`` (LLaVA-1.5) or ``"crop"``.
         max_image_pixels: images with more pixels are skipped as ``image_too_large`` (before decoding).
         image_symlinks_outside: allow image paths that resolve through a symlink outside ``image_folder``.
+        image_cache_mb: per-process cache of preprocessed images (MB; 0: off), for data that asks several
+            questions per image (easy-vqa); samples are bit-identical with or without it.
         max_train_samples, max_val_samples: optional seeded subsets (quick runs).
         pin_memory, persistent_workers, prefetch_factor, pad_to_multiple_of: loader options.
         processor: the model's ``LlavaProcessor`` (tokenizer + CLIP image processor); image size,
@@ -72,6 +74,7 @@ class LlavaDataModule(L.LightningDataModule):
                  grad_accum: Optional[int] = None,
                  tokenization: str = "llava", image_aspect_ratio: str = "pad",
                  max_image_pixels: Optional[int] = 40_000_000, image_symlinks_outside: bool = False,
+                 image_cache_mb: float = 0,
                  max_train_samples: Optional[int] = None, max_val_samples: Optional[int] = None,
                  pin_memory: bool = False, persistent_workers: bool = False,
                  prefetch_factor: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
@@ -101,6 +104,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.image_aspect_ratio = image_aspect_ratio
         self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
         self.image_symlinks_outside = bool(image_symlinks_outside)
+        self.image_cache_mb = float(image_cache_mb)
         self.max_train_samples, self.max_val_samples = max_train_samples, max_val_samples
         self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
         self.prefetch_factor, self.pad_to_multiple_of = prefetch_factor, pad_to_multiple_of
@@ -150,7 +154,7 @@ class LlavaDataModule(L.LightningDataModule):
             self.processor, template=self.template, model_max_length=self.model_max_length,
             tokenization=self.tokenization, image_folder=self.image_folder,
             image_aspect_ratio=self.image_aspect_ratio, max_image_pixels=self.max_image_pixels,
-            symlinks_outside=self.image_symlinks_outside)
+            symlinks_outside=self.image_symlinks_outside, image_cache_mb=self.image_cache_mb)
 
     def _split(self, index: RecordIndex) -> tuple[RecordIndex, Optional[RecordIndex]]:
         """``(train, val)``: ``val_fraction`` of ``index`` held out, deterministically from ``seed``."""

@@ -15,7 +15,7 @@ from .preprocess import LlavaPreprocessor
 log = logging.getLogger(__name__)
 
 ON_BAD_SAMPLE = ("skip", "raise")
-_COLUMNS = ("seen",) + REASONS + ("truncated",)
+_COLUMNS = ("seen",) + REASONS + ("truncated", "image_cached")
 
 
 class BadSampleCounter:
@@ -39,7 +39,8 @@ class BadSampleCounter:
         return 1 + info.id % (self.slots - 1)
 
     def add(self, column: str, n: int = 1) -> None:
-        """Increment ``column`` (``"seen"``, a reason, or ``"truncated"``) in this process's row."""
+        """Increment ``column`` (``"seen"``, a reason, ``"truncated"`` or ``"image_cached"``) in this process's
+        row."""
         self.table[self._row(), self._col[column]] += n
 
     def reset(self) -> None:
@@ -101,6 +102,8 @@ class LlavaDataset(Dataset):
         position = self.index.position(i)
         self.counter.add("seen")
         rec: Any = None
+        cache = getattr(self.preprocessor, "pixel_cache", None)
+        hits = cache.hits if cache is not None else 0
         try:
             rec = self.index[i]
             sample = self.preprocessor(rec, position, self.index.path)
@@ -112,6 +115,8 @@ class LlavaDataset(Dataset):
                                        f"{type(err).__name__}: {err}"), err)
         if sample["truncated"]:
             self.counter.add("truncated")
+        if cache is not None and cache.hits > hits:
+            self.counter.add("image_cached")
         return sample
 
     def _bad(self, bad: BadSample, cause: Optional[BaseException] = None) -> None:

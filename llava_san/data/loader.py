@@ -94,12 +94,14 @@ class LlavaDataLoader(DataLoader):
         bad = {k: v for k, v in totals.items() if k in REASONS and v}
         n_bad, seen = sum(bad.values()), totals.get("seen", 0)
         report = {"split": self.name, "epoch": epoch, "seen": seen, "bad": n_bad, "bad_by_reason": bad,
-                  "truncated": totals.get("truncated", 0), "epoch_samples": epoch_samples}
+                  "truncated": totals.get("truncated", 0), "image_cached": totals.get("image_cached", 0),
+                  "epoch_samples": epoch_samples}
         if final:
             self.reports.append(report)
             level = logging.WARNING if n_bad else logging.INFO
-            log.log(level, "%s epoch %d: %d samples prepared, %d skipped %s, %d truncated", self.name, epoch,
-                    seen, n_bad, bad or "", report["truncated"])
+            log.log(level, "%s epoch %d: %d samples prepared, %d skipped %s, %d truncated, %d images from the "
+                    "pixel cache", self.name, epoch, seen, n_bad, bad or "", report["truncated"],
+                    report["image_cached"])
         if n_bad > self.max_bad_fraction * max(epoch_samples, 1):
             raise TooManyBadSamplesError(
                 f"{self.name} epoch {epoch}: {n_bad} bad samples out of {epoch_samples} "

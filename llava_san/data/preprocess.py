@@ -15,6 +15,7 @@ import torch
 from ..conversation import get_template
 from .errors import BadSample, where
 from .images import MAX_IMAGE_PIXELS, ImageLoadError, background_color, load_image, process_image
+from .pixel_cache import PixelCache
 from .records import normalize_turns
 from .tokenize import IGNORE_INDEX, Encoded, PieceEncoder, image_token_count
 
@@ -35,6 +36,8 @@ class LlavaPreprocessor:
         max_image_pixels: an image with more pixels is skipped (``image_too_large``) before decoding.
         symlinks_outside: allow image paths that resolve, through a symlink, outside ``image_folder``
             (absolute paths and ``..`` are always refused: ``unsafe_image_path``).
+        image_cache_mb: keep up to this many MB of preprocessed images per process and reuse them for
+            the other records of the same image (:mod:`.pixel_cache`; bit-identical samples); 0: off.
 
     A sample is ``{"input_ids": LongTensor (T,), "labels": LongTensor (T,), "pixel_values":
     FloatTensor (3, H, W) or None, "truncated": bool}``.
@@ -43,7 +46,8 @@ class LlavaPreprocessor:
     def __init__(self, tokenizer, image_processor=None, *, image_token_id: int, image_tokens: int,
                  template: str = "vicuna_v1", model_max_length: int = 2048, tokenization: str = "llava",
                  image_folder: Optional[str] = None, image_aspect_ratio: str = "pad",
-                 max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS, symlinks_outside: bool = False):
+                 max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS, symlinks_outside: bool = False,
+                 image_cache_mb: float = 0):
         if image_aspect_ratio not in ("pad", "crop"):
             raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got {image_aspect_ratio!r}")
         if model_max_length <= 0:
@@ -58,6 +62,9 @@ class LlavaPreprocessor:
         self.max_image_pixels = max_image_pixels
         self.symlinks_outside = bool(symlinks_outside)
         self._real_folder = None if self.image_folder is None else os.path.realpath(self.image_folder)
+        if image_cache_mb < 0:
+            raise ValueError(f"image_cache_mb must be >= 0, got {image_cache_mb}")
+        self.pixel_cache = PixelCache(int(image_cache_mb * 2**20)) if image_cache_mb > 0 else None
         self.fill = background_color(image_processor.image_mean) if image_processor is not None else None
 
     @classmethod
@@ -123,6 +130,28 @@ class LlavaPreprocessor:
                                  "(a symlink); set data.image_symlinks_outside=true to allow it")
         return full
 
+    def pixel_values(self, rec: dict, position: int = 0, path: str = "<memory>") -> torch.Tensor:
+        """The record's preprocessed image, ``(3, H, W)``: from the pixel cache when an earlier record of
+        this process used the same image (it passed the path checks then), else checked, loaded and
+        processed (and cached). Raises :class:`BadSample`; a bad image is never cached."""
+        cache = self.pixel_cache
+        key = rec["image"]
+        cached = None if cache is None else cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            image_file = self.image_path(rec)
+        except ValueError as e:
+            raise BadSample("unsafe_image_path", f"{where(rec.get('id'), position, path)}: {e}") from None
+        try:
+            img = load_image(image_file, self.max_image_pixels)
+        except ImageLoadError as e:
+            raise BadSample(e.reason, f"{where(rec.get('id'), position, path)}: {e}") from None
+        pixel_values = process_image(img, self.image_processor, self.image_aspect_ratio, self.fill)
+        if cache is not None:
+            cache.put(key, pixel_values)
+        return pixel_values
+
     def __call__(self, rec: dict, position: int = 0, path: str = "<memory>") -> dict[str, Any]:
         """Prepare one sample. Raises :class:`BadSample` (reason + message naming id and file)."""
         enc, has_image = self.encode_record(rec, position, path)
@@ -131,15 +160,7 @@ class LlavaPreprocessor:
         if has_image:
             if self.image_processor is None:
                 raise ValueError("an image record needs an image_processor")
-            try:
-                image_file = self.image_path(rec)
-            except ValueError as e:
-                raise BadSample("unsafe_image_path", f"{where(rec.get('id'), position, path)}: {e}") from None
-            try:
-                img = load_image(image_file, self.max_image_pixels)
-            except ImageLoadError as e:
-                raise BadSample(e.reason, f"{where(rec.get('id'), position, path)}: {e}") from None
-            pixel_values = process_image(img, self.image_processor, self.image_aspect_ratio, self.fill)
+            pixel_values = self.pixel_values(rec, position, path)
         return {
             "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
             "labels": torch.tensor(enc.labels, dtype=torch.long),

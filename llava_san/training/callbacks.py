@@ -45,11 +45,12 @@ class BadSampleReport(L.Callback):
     mid-epoch (``max_steps``): it sums the per-reason counters over every rank, lets the loader log the
     report and apply ``max_bad_fraction`` to the summed counts (every rank raises together), and keeps
     the totals over the whole run for ``metrics.json``: ``data/skipped_<reason>`` (samples skipped for
-    each reason that occurred), ``data/skipped`` and ``data/skipped_fraction`` (skipped / prepared).
+    each reason that occurred), ``data/skipped`` and ``data/skipped_fraction`` (skipped / prepared), and
+    ``data/image_cached`` (samples whose image came from the pixel cache, when it is on).
     Records left out when the index was built are counted in ``data/index_skipped_<reason>``.
     """
 
-    COLUMNS = ("seen", "truncated", "epoch_samples") + REASONS
+    COLUMNS = ("seen", "truncated", "image_cached", "epoch_samples") + REASONS
 
     def __init__(self) -> None:
         self.totals: dict[str, int] = {}
@@ -100,6 +101,8 @@ class BadSampleReport(L.Callback):
         if self.totals:
             out["data/skipped"] = float(skipped)
             out["data/skipped_fraction"] = skipped / max(self.totals.get("seen", 0), 1)
+        if self.totals.get("image_cached"):
+            out["data/image_cached"] = float(self.totals["image_cached"])
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         for stats in (getattr(dm, "index_stats", None) or {}).values():
             for reason, n in stats.get("bad_by_reason", {}).items():
