@@ -11,8 +11,12 @@ samples whose image came from the cache. The batches of the two arms are compare
 
 In the default run the worker shares the machine with the training process; when two runs share the
 2 cores (the SAN study runs its jobs two at a time), the worker's CPU is taken from the training.
+``--pair-steps N`` measures that case too: two shortened default runs started together
+(``python -m train seed=0`` and ``seed=1``, ``trainer.max_steps=N``, no evaluation), cache off then on
+then off then on; ``pairs`` holds each pair's wall time (the later of the two runs) and
+``pair_wall_ratio_on_vs_off`` the ratio of the medians.
 
-    python benchmarks/pixel_cache.py [--batches 300] [--repeats 3]
+    python benchmarks/pixel_cache.py [--batches 300] [--repeats 3] [--pair-steps 600]
 """
 from __future__ import annotations
 
@@ -72,11 +76,33 @@ def one_pass(dm, n_batches: int) -> tuple[dict, list]:
             "image_cached": totals.get("image_cached", 0) / max(samples, 1)}, checks
 
 
+def run_pair(steps: int, image_cache_mb: float | None, cache_dir: str | None, out_dir: str) -> float:
+    """Wall seconds of two shortened default runs (seeds 0 and 1) started together."""
+    import subprocess
+
+    procs = []
+    t0 = time.perf_counter()
+    for seed in (0, 1):
+        cmd = [sys.executable, "-m", "train", f"seed={seed}", f"trainer.max_steps={steps}", "evaluate=null",
+               "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={out_dir}/seed{seed}"]
+        if image_cache_mb is not None:
+            cmd.append(f"data.image_cache_mb={image_cache_mb}")
+        if cache_dir:
+            cmd.append(f"paths.cache_dir={cache_dir}")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"a paired run failed:\n{err[-3000:]}")
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, default=300)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache-dir", default=None, help="paths.cache_dir (default: the config's)")
+    p.add_argument("--pair-steps", type=int, default=0, help="also time two shortened default runs at once")
     args = p.parse_args()
     import torch
 
@@ -98,6 +124,16 @@ def main() -> None:
     for name, runs in results.items():
         out[name] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
     out["worker_cpu_ratio_on_vs_off"] = out["on"]["worker_cpu_s_per_1000"] / out["off"]["worker_cpu_s_per_1000"]
+    if args.pair_steps:
+        import tempfile
+
+        pairs = {"off": [], "on": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, name in enumerate(("off", "on", "off", "on")):
+                pairs[name].append(run_pair(args.pair_steps, 0 if name == "off" else None, args.cache_dir,
+                                            f"{tmp}/{i}"))
+        out["pairs"] = pairs
+        out["pair_wall_ratio_on_vs_off"] = statistics.median(pairs["on"]) / statistics.median(pairs["off"])
     print(json.dumps(out, indent=2))
 
 
