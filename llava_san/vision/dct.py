@@ -1,6 +1,6 @@
 """Orthonormal 2-D DCT-II on a token grid, and the frequency responses of MoPPA's three physical priors.
 
-VISION_SPEC §4.2. Everything here is a pure function of its arguments (plus small caches of constant
+Everything here is a pure function of its arguments (plus small caches of constant
 matrices), so each piece can be tested alone; :mod:`llava_san.vision.moppa` composes them.
 
 **Why the DCT.** The orthonormal DCT-II basis is the eigenbasis of the Laplacian Δ on an ``H × W``

@@ -1,4 +1,5 @@
-"""MoPPA: Mixture of Physical Priors Adapter (Wang et al., arXiv 2412.02759), VISION_SPEC §4.
+"""MoPPA: Mixture of Physical Priors Adapter (Wang et al., arXiv 2412.02759), a reconstruction (README
+"SAN on vision transformers": the paper gives no readable equations and no code).
 
 One bottleneck unit per transformer block, placed before self-attention. By default it wraps the
 block's first norm (timm ``blocks.i.norm1``, CLIP ``encoder.layers.i.layer_norm1``), whose output feeds
@@ -32,7 +33,7 @@ e.g. ``blocks.0.norm1.moppa_unit.down.weight`` or ``...layer_norm1.moppa_unit.rh
 prefix rule ("some dotted part starts with ``moppa_``") selects them; original backbone names are
 unchanged (the unit is wired in with forward hooks, no module is replaced).
 
-Choices marked [INFERRED] in the spec are switches of :class:`MoppaConfig` (spec §9, rows M1–M10).
+Every choice the paper leaves open (inferred here) is a switch of :class:`MoppaConfig`.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ __all__ = [
 PRIORS = ("heat", "wave", "poisson")
 UNIT_NAME = "moppa_unit"  # attribute name of the unit on the wrapped norm module
 SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(log(e − 1)) = 1
-POISSON_MU = 1.0  # screening constant μ of the screened Poisson prior (fixed, spec §4.2)
+POISSON_MU = 1.0  # screening constant μ of the screened Poisson prior (fixed)
 
 # leaf names (inside a MoppaUnit) that get no weight decay: biases, the positive PDE constants, the source
 # map ρ (2-D, so it must be excluded by name, not by ndim), the static router logits and a learnable scale
@@ -90,9 +91,10 @@ _CHOICES = {
 
 @dataclass
 class MoppaConfig:
-    """MoPPA hyper-parameters and ablation switches (VISION_SPEC §4 and §9 rows M1–M10).
+    """MoPPA hyper-parameters and ablation switches.
 
-    Defaults are the spec's recommended ones. ``clip_layers`` only matters for CLIP towers: adapt
+    Every choice the paper leaves open is a field here, set by default to the reconstruction the README
+    describes ("SAN on vision transformers", "MoPPA is a reconstruction"). ``clip_layers`` only matters for CLIP towers: adapt
     layers ``0 .. clip_layers-1``; ``None`` adapts every layer whose output reaches the consumer (all but
     the last for a standalone tower; for a LLaVA model, the layers up to ``config.vision_feature_layer``,
     which is also all but the last for LLaVA-1.5's ``-2``).

@@ -1,4 +1,4 @@
-r"""SSF and SAN-SSF for vision transformers (VISION_SPEC §2, §3; the SAN paper, Dai et al., ICML 2025).
+r"""SSF and SAN-SSF for vision transformers (SSF: Lian et al., NeurIPS 2022; SAN: Dai et al., ICML 2025).
 
 **SSF** (scale and shift) puts a trainable per-channel affine after a frozen module with output
 ``h ∈ R[..., C]``::
@@ -51,7 +51,8 @@ _PARTS = ("full", "v_slice", "interp")
 
 @dataclass
 class SsfConfig:
-    """Settings of SSF / SAN-SSF (VISION_SPEC §9, S1–S5).
+    """Settings of SSF / SAN-SSF (the choices the paper leaves open are switches here, with the defaults the
+    README's "SAN on vision transformers" describes).
 
     Attributes:
         method: ``ssf`` (plain SSF, no propagation) or ``san_ssf``.
@@ -329,7 +330,7 @@ def _fold(module: nn.Module, gamma: Optional[Tensor], beta: Optional[Tensor], co
 def merge_ssf(model: nn.Module) -> nn.Module:
     """Fold every SSF site and SAN column scale into the frozen weights, then remove the hooks and the
     ``ssf_*`` parameters: ``model`` (returned, changed in place) is a plain timm / CLIP model of the same
-    class, with the state-dict keys of a fresh one, computing the same outputs (VISION_SPEC §2, §3.3).
+    class, with the state-dict keys of a fresh one, computing the same outputs.
 
     Linear/conv: ``W' = diag(γ_t) W diag(c)``, ``b' = γ_t ⊙ b + β_t``; LayerNorm: ``w' = γ ⊙ w``,
     ``b' = γ ⊙ b + β``. A source's γ goes both into its own module and into every target it feeds. The

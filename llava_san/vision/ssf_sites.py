@@ -1,4 +1,5 @@
-"""Where SSF and SAN-SSF go on the two supported backbones (VISION_SPEC §2, §3.2).
+"""Where SSF and SAN-SSF go on the two supported backbones (the sites and propagation map of
+:mod:`llava_san.vision.ssf`).
 
 :func:`plan_for` inspects a model and returns a :class:`SsfPlan`: the backbone module to adapt (a timm
 ``VisionTransformer``, or a transformers CLIP vision tower found inside whatever it was given), the SSF

@@ -1,6 +1,6 @@
 """Tiny random vision backbones (no download): a timm ViT and a transformers CLIP vision tower.
 
-Shapes follow VISION_SPEC §10: patch 8 on 32 × 32 images gives a 4 × 4 grid plus one CLS token (17
+Shapes: patch 8 on 32 × 32 images gives a 4 × 4 grid plus one CLS token (17
 tokens); CLIP has 3 layers so that LLaVA's "last layer unused" rule has one to skip.
 """
 import pytest

@@ -1,4 +1,5 @@
-"""MoPPA invariants (VISION_SPEC §8 "MoPPA" 1–10) plus attach / train-step / save-load / config checks.
+"""MoPPA invariants (the DCT and the three filters against dense references, identity at init, router,
+parameter counts, bf16) plus attach / train-step / save-load / config checks.
 
 Tiny random models on CPU (fixtures in tests/vision/conftest.py); full-size ViT-B/16 and CLIP-L/14-336
 are built on the meta device, only to count parameters.

@@ -1,4 +1,5 @@
-"""SSF and SAN-SSF invariants (VISION_SPEC §8 "SSF / SAN-SSF" 1–9) on tiny random timm and CLIP models."""
+"""SSF and SAN-SSF invariants on tiny random timm and CLIP models: identity at init, parameter counts,
+shared scales and summed gradients, column scaling, merge equality, the regulariser, v_slice, CLIP scope."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -156,7 +156,7 @@ def test_vtab_folder_trains_end_to_end(tmp_path):
 
 
 def test_vtab_report_paper_rows():
-    """The paper's per-task rows give the group means VISION_SPEC §7 derives (Structured 58.96 / 61.00, not
+    """The paper's per-task rows give the group means the README derives (Structured 58.96 / 61.00, not
     the table's 59.9 / 61.3) and the means of 19 (73.10 / 74.99)."""
     from evaluation.vtab_report import PAPER_ROWS, TASKS, summarise
 
