@@ -217,12 +217,17 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .inference import Assistant
+    from .inference import Assistant, CausalLmAssistant
 
     try:
-        return Assistant.load(args.model, device=args.device, dtype=args.dtype, template=args.template)
+        assistant = Assistant.load(args.model, device=args.device, dtype=args.dtype, template=args.template)
     except (OSError, ValueError) as err:  # damaged config or weights: the loaders' own messages
         raise PredictError(f"cannot load {args.model}: {err}") from None
+    if isinstance(assistant, CausalLmAssistant):
+        raise PredictError(f"{args.model} is a text-only causal LM (LLaMA) and predict answers questions about "
+                           "images: ask it with `python -m llava_san.chat`, or score benchmarks with "
+                           "`python -m evaluation`")
+    return assistant
 
 
 def _generate(assistant: Any, todo: Sequence[Item], journal: Any, args: argparse.Namespace, resumed: int,

@@ -165,11 +165,22 @@ class Assistant:
              model_id: Optional[str] = None, template: Optional[str] = None,
              image_aspect_ratio: Optional[str] = None) -> "Assistant":
         """Load a training run folder, a merged/exported folder or a llava-hf checkpoint (LoRA/DoRA/SAN
-        merged into the weights); ``template``/``image_aspect_ratio`` override what the folder says."""
+        merged into the weights); ``template``/``image_aspect_ratio`` override what the folder says.
+        A text-only causal LM (a LLaMA run or export) gives a
+        :class:`~llava_san.inference.causal_lm.CausalLmAssistant` (LLM-Adapters' prompt; no image)."""
+        from transformers import PreTrainedTokenizerBase
+
         settings = prompt_settings(path)
         settings = PromptSettings(template or settings.template, settings.tokenization,
                                   image_aspect_ratio or settings.image_aspect_ratio)
         loaded = load_model(path=path, merge=True, dtype=dtype, device=device, model_id=model_id)
+        if isinstance(loaded.processor, PreTrainedTokenizerBase):  # a causal LM comes with its tokenizer alone
+            from .causal_lm import ALPACA, CausalLmAssistant
+
+            if template not in (None, ALPACA) or image_aspect_ratio is not None:
+                raise ValueError(f"{path} is a text-only causal LM: it is prompted with LLM-Adapters' Alpaca "
+                                 "prompt, so a template or image aspect ratio does not apply")
+            return CausalLmAssistant(loaded)
         return cls(loaded, settings)
 
     # ------------------------------------------------------------------ prompts

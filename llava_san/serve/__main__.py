@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return fail(f"--max-new-tokens-limit must be at least 1, got {args.max_new_tokens_limit}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from ..inference import Assistant
+    from ..inference import Assistant, CausalLmAssistant
     from .app import create_app
     from .engine import Engine
     from .server import serve
@@ -73,6 +73,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         assistant = Assistant.load(args.model, device=args.device, dtype=args.dtype, model_id=args.model_id)
     except (FileNotFoundError, ValueError, OSError) as err:
         return fail(f"cannot load {args.model}: {err}")
+    if isinstance(assistant, CausalLmAssistant):
+        return fail(f"{args.model} is a text-only causal LM (LLaMA); the server serves LLaVA models: ask it with "
+                    "`python -m llava_san.chat`")
     engine = Engine(assistant, model_id=args.model_id, max_new_tokens_limit=args.max_new_tokens_limit)
     print(f"serving {engine.model_id!r} on http://{args.host}:{args.port}/ (OpenAI API at /v1)", flush=True)
     serve(create_app(engine), args.host, args.port)
