@@ -5,5 +5,5 @@ from .assistant import Assistant, PromptSettings, PromptTooLong, Turn, prompt_se
 from .causal_lm import CausalLmAssistant
 from .loading import LoadedModel, describe_path, load_model
 
-__all__ = ["Assistant", "CausalLmAssistant", "LoadedModel", "PromptSettings", "PromptTooLong", "Turn", "describe_path", "load_model",
-           "prompt_settings", "text_pieces"]
+__all__ = ["Assistant", "CausalLmAssistant", "LoadedModel", "PromptSettings", "PromptTooLong", "Turn", "describe_path",
+           "load_model", "prompt_settings", "text_pieces"]

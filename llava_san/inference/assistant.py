@@ -140,6 +140,17 @@ def text_pieces(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
         yield final[len(sent):]
 
 
+def check_turns(turns: Sequence[Turn]) -> None:
+    """``ValueError`` unless the roles alternate user, assistant, ... and the last message is the user's."""
+    if not turns or turns[-1].role != USER:
+        raise ValueError("a conversation must end with a user message")
+    for i, turn in enumerate(turns):
+        expected = USER if i % 2 == 0 else ASSISTANT
+        if turn.role != expected:
+            raise ValueError(f"message {i} has role {turn.role!r}; roles must alternate user, assistant, "
+                             "... starting with user")
+
+
 class Assistant:
     """A model that answers conversations with training's prompt format (see the module docstring).
 
@@ -189,14 +200,9 @@ class Assistant:
         image placeholder goes at the front of the first user turn."""
         from ..conversation import GPT, HUMAN, IMAGE_PLACEHOLDER
 
-        if not turns or turns[-1].role != USER:
-            raise ValueError("a conversation must end with a user message")
+        check_turns(turns)
         messages: list[tuple[str, Optional[str]]] = []
         for i, turn in enumerate(turns):
-            expected = USER if i % 2 == 0 else ASSISTANT
-            if turn.role != expected:
-                raise ValueError(f"message {i} has role {turn.role!r}; roles must alternate user, assistant, "
-                                 "... starting with user")
             if IMAGE_PLACEHOLDER in turn.text:
                 raise ValueError(f"message {i} contains {IMAGE_PLACEHOLDER!r}; attach the image instead")
             text = turn.text
