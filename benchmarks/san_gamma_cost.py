@@ -12,21 +12,17 @@ the order alternating; ratios are medians of paired ratios against LoRA.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import llava_san.peft.san as san_module  # noqa: E402
-from llava_san.peft import SanConfig, get_san_model  # noqa: E402
+from san_overhead import MODEL, batch, build_arm, build_base, step  # noqa: E402  (this folder is on sys.path)
 
 
 def free_gamma(slot, h_prime: torch.Tensor, h: torch.Tensor) -> None:
@@ -43,33 +39,22 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=max(args.seq, 2048))
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
-
-    def arm(san):
-        torch.manual_seed(0)
-        model = get_san_model(copy.deepcopy(base), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05), san)
-        model.train()
-        return model, torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-
+    model_args = argparse.Namespace(**MODEL, batch=1, seq_lens=[args.seq])
+    base = build_base(model_args)
     real_emit = san_module._emit_gamma
-    arms = {"lora": (arm(None), real_emit), "san_lora": (arm(SanConfig()), real_emit),
-            "san_lora_free_gamma": (arm(SanConfig()), free_gamma)}
-    ids = torch.randint(3, 32000, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    arms = {"lora": (build_arm(base, model_args, "lora"), real_emit),
+            "san_lora": (build_arm(base, model_args, "san_lora"), real_emit),
+            "san_lora_free_gamma": (build_arm(base, model_args, "san_lora"), free_gamma)}
+    inputs = batch(model_args, 0, args.seq)
     times = {name: [] for name in arms}
     try:
         for r in range(args.warmup + args.repeats):
             for name in (list(arms) if r % 2 == 0 else list(reversed(arms))):
                 (model, opt), emit = arms[name]
                 san_module._emit_gamma = emit
-                t = time.perf_counter()
-                model(input_ids=ids, labels=ids).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                wall, _ = step(model, opt, inputs)
                 if r >= args.warmup:
-                    times[name].append(time.perf_counter() - t)
+                    times[name].append(wall)
     finally:
         san_module._emit_gamma = real_emit
     out = {"config": vars(args), "step_s": {k: statistics.median(v) for k, v in times.items()},

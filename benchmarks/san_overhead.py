@@ -76,6 +76,8 @@ ARMS = {
     "san_dora": (True, SanConfig()),
 }
 PAIRS = (("san_lora", "lora"), ("san_dora", "dora"))
+#: the default model and adapters (a 58.5M-parameter LLaMA shape; LoRA/DoRA r=32, dropout 0.05)
+MODEL = {"hidden": 512, "intermediate": 1408, "layers": 8, "heads": 8, "vocab": 32000, "rank": 32, "dropout": 0.05}
 #: --smoke: the smallest settings that run every code path
 SMOKE = {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "vocab": 500, "batch": 2, "rank": 4,
          "repeats": 2, "warmup": 1, "mem_steps": 1, "seq": 32, "seq_lens": [16, 32]}
@@ -282,17 +284,17 @@ def bench_merged(arms: dict, base_model, args, default_len: int) -> tuple[dict, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=MODEL["hidden"])
+    p.add_argument("--intermediate", type=int, default=MODEL["intermediate"])
+    p.add_argument("--layers", type=int, default=MODEL["layers"])
+    p.add_argument("--heads", type=int, default=MODEL["heads"])
+    p.add_argument("--vocab", type=int, default=MODEL["vocab"])
     p.add_argument("--seq", type=int, default=512, help="the default length (its results are also top-level)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=None,
                    help="sequence lengths to measure (tokens per step = batch x length); default: --seq")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--rank", type=int, default=MODEL["rank"])
+    p.add_argument("--dropout", type=float, default=MODEL["dropout"])
     p.add_argument("--repeats", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--mem-steps", type=int, default=3)
