@@ -21,6 +21,7 @@ then off then on; ``pairs`` holds each pair's wall time (the later of the two ru
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -51,7 +52,7 @@ def make_datamodule(image_cache_mb: float | None, cache_dir: str | None):
     dm = instantiate(cfg.data, processor=processor, world_size=1, rank=0, grad_accum=1)
     dm.prepare_data()
     dm.setup("fit")
-    return dm, cfg
+    return dm
 
 
 def one_pass(dm, n_batches: int) -> tuple[dict, list]:
@@ -66,8 +67,6 @@ def one_pass(dm, n_batches: int) -> tuple[dict, list]:
             checks.append((batch["input_ids"].sum().item(), float(batch["pixel_values"].double().sum())))
     totals = loader.epoch_totals()
     del it  # the worker exits; its CPU time joins RUSAGE_CHILDREN once it is reaped
-    import gc
-
     gc.collect()
     time.sleep(0.5)
     wall, cpu = time.perf_counter() - t0, children_cpu_s() - cpu0
@@ -107,7 +106,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    arms = {name: make_datamodule(mb, args.cache_dir)[0] for name, mb in (("off", 0), ("on", None))}
+    arms = {name: make_datamodule(mb, args.cache_dir) for name, mb in (("off", 0), ("on", None))}
     on_mb = arms["on"].image_cache_mb
     if not on_mb:
         p.error("the configured data.image_cache_mb is 0: nothing to compare")
