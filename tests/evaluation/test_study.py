@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from evaluation.study.gamma import gamma_similarity
-from evaluation.study.report import load_runs
+from evaluation.study.report import load_runs, summarize, summary_markdown
 from evaluation.study.runner import choose_lr
 from evaluation.study.spec import CONF_STUDY, load_study, parse_study
 from evaluation.study.stats import mean_std, paired_bootstrap_ci
@@ -200,3 +200,18 @@ def test_one_runner_per_study(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         proc = _study_cli("run", "--study", "smoke", "--results-dir", str(tmp_path / "res"), "--runs-dir", str(runs))
     assert proc.returncode == 1 and "another `python -m evaluation.study run`" in proc.stderr
+
+
+def test_committed_summary_is_the_report_of_the_committed_runs():
+    """results/study/summary.{json,md} are exactly what `report --study full` makes from the committed
+    per-run files, and every row of summary.md's tables stands in the README (the README's figures are
+    the committed results, not copies that drifted)."""
+    study = load_study("full")
+    res = ROOT / "results" / "study"
+    expected = summarize(study, res)
+    assert json.loads((res / "summary.json").read_text()) == json.loads(json.dumps(expected))
+    md = (res / "summary.md").read_text()
+    assert md == summary_markdown(expected)
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| arm ")]
+    assert rows and [r for r in rows if r not in readme] == []
